@@ -1,0 +1,134 @@
+"""The deployment form of an FP8 fake-quantized Linear: float8 weights, real FP8 GEMMs.
+
+``Float8Linear`` stores its weight as ``float8_e4m3fn`` (one byte a parameter) with float32
+absmax scales, one per output row (``rowwise``) or one for the tensor (``tensorwise``). Its input
+is quantized on the fly with the same recipe, and the product runs as
+
+    y = (x_q @ w_q^T) * s_x * s_w^T + b          x_q = sat(x / s_x),  w_q = sat(w / s_w)
+
+through ``torch._scaled_mm`` on GPUs with FP8 tensor cores (compute capability >= 8.9). Elsewhere
+the same rounded operands are multiplied in float32 (emulation), so a CPU gives the numbers an
+H100 gives up to accumulation order. The quantization of ``x`` is written as plain tensor ops, so
+under ``torch.compile`` Inductor fuses it into the kernel that produces ``x`` (LayerNorm, GELU,
+residual add) instead of spending a separate pass over memory.
+
+The rounding is :mod:`lite3r_compile.passes.fp8_qat`'s, bit for bit: the deployed student computes
+what the fake-quant student was trained to compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lite3r_compile.passes.fp8_qat import E4M3, E4M3_MAX, FP8FakeQuantLinear, e4m3_scale
+
+GRANULARITIES = ("rowwise", "tensorwise")
+
+
+def has_fp8_gemm(device: torch.device | str) -> bool:
+    """Whether ``device`` runs ``torch._scaled_mm`` (a CUDA GPU of compute capability >= 8.9)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_to_e4m3(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
+    """``(x_q, scale)``: ``x`` as float8 e4m3 (saturating) and its float32 absmax scale, one per
+    row ((..., 1)) or one for the tensor (())."""
+    scale = e4m3_scale(x, rowwise)
+    # clamp before the cast: on torch 2.11 the cast alone turns out-of-range values into NaN
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class Float8Linear(nn.Module):
+    """A Linear layer with float8 e4m3 weights for inference (no gradients).
+
+    Buffers: ``weight`` (out, in) float8_e4m3fn, ``weight_scale`` (out, 1) or () float32, ``bias``
+    (out,) in ``dtype`` or absent. Input (..., in) in float32, bfloat16 or float16; output in the
+    input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        granularity: str = "rowwise",
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"Float8Linear: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if in_features % 16 or out_features % 16:
+            raise ValueError(
+                f"Float8Linear: FP8 GEMMs need in_features and out_features divisible by 16, got "
+                f"({in_features}, {out_features}); keep this layer in high precision"
+            )
+        self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        scale_shape = (out_features, 1) if granularity == "rowwise" else ()
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, granularity: str = "rowwise", dtype: torch.dtype | None = None) -> "Float8Linear":
+        """Quantize ``linear``'s weight (one byte a parameter); the bias is kept in ``dtype``."""
+        dtype = dtype or linear.weight.dtype
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    granularity=granularity, dtype=dtype, device=linear.weight.device)
+        with torch.no_grad():
+            w_q, w_scale = quantize_to_e4m3(linear.weight, granularity == "rowwise")
+            layer.weight.copy_(w_q)
+            layer.weight_scale.copy_(w_scale)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @classmethod
+    def from_fake_quant(cls, fq: FP8FakeQuantLinear, dtype: torch.dtype | None = None) -> "Float8Linear":
+        """The deployed form of a QAT layer, with its granularity."""
+        if not fq.quantize_activations:
+            raise ValueError(
+                "Float8Linear.from_fake_quant: the layer fake-quantizes only its weight; an FP8 GEMM "
+                "needs FP8 activations too (train with FP8Config(quantize_activations=True))"
+            )
+        return cls.from_linear(fq, granularity=fq.granularity, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Float8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
+        rowwise = self.granularity == "rowwise"
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize_to_e4m3(x2, rowwise)
+        if has_fp8_gemm(x.device) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            out = self._scaled_mm(x_q, x_scale, x.dtype)
+        else:
+            out = F.linear(x_q.float() * x_scale, self.weight.float() * self.weight_scale)
+            if self.bias is not None:
+                out = out + self.bias.float()
+            out = out.to(x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def _scaled_mm(self, x_q: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+        rowwise = self.granularity == "rowwise"
+        # rowwise scaling in cuBLAS needs a bf16 output; other dtypes are cast after
+        mm_dtype = torch.bfloat16 if rowwise else out_dtype
+        bias = self.bias.to(mm_dtype) if self.bias is not None else None
+        out = torch._scaled_mm(
+            x_q,
+            self.weight.t(),  # (in, out), column-major: what cuBLASLt wants for B
+            scale_a=x_scale,
+            scale_b=self.weight_scale.t() if rowwise else self.weight_scale,
+            bias=bias,
+            out_dtype=mm_dtype,
+        )
+        return out.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 {self.granularity}"
