@@ -92,10 +92,7 @@ def test_count_parameters_trainable_only():
 
 @pytest.mark.parametrize("name", TINY_PRESETS)
 def test_tiny_presets_run_forward_and_backward_on_cpu(name):
-    try:
-        model = models_zoo.create(name)
-    except PresetUnavailableError as error:
-        pytest.skip(f"{name}: {error}")
+    model = models_zoo.create(name)
     model.train()
     torch.manual_seed(0)
     images = torch.rand(1, 2, 3, 112, 112)  # 112 is a multiple of the 8, 14 and 16 pixel patches
@@ -105,6 +102,21 @@ def test_tiny_presets_run_forward_and_backward_on_cpu(name):
     assert tensors, f"{name} returned no differentiable tensor"
     sum(t.float().mean() for t in tensors).backward()
     assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PRESETS))
+def test_every_preset_has_example_inputs_that_run_it(name):
+    """The compiler captures a model from its own example inputs: they must exist for every
+    preset, live on the model's device, and (for tiny presets) run it."""
+    big = not name.endswith("-tiny")
+    model = models_zoo.create(name, device="meta" if big else None).eval()
+    inputs = model.example_inputs()
+    assert isinstance(inputs, tuple) and inputs[0].dim() == 5 and inputs[0].shape[1] >= 2
+    assert all(t.device == next(model.parameters()).device for t in inputs)
+    if not big:
+        with torch.no_grad():
+            out = model(*inputs)
+        assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v))
 
 
 # ---------------------------------------------------------------------------------------------

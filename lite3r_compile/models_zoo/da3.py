@@ -181,6 +181,23 @@ class DepthAnything3(nn.Module):
         self.image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
         self.image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
 
+    def example_inputs(self, num_views: int = 2, image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Seeded ``(images, extrinsics, intrinsics)`` on the model's device that run every
+        branch, the camera encoder included: images (1, S, 3, H, H) in [0, 1], world-to-camera
+        extrinsics (1, S, 4, 4) (small translations along x) and pinhole intrinsics (1, S, 3, 3).
+
+        S >= 2 so that per-view and global attention see different lengths; H defaults to two
+        patches, enough to trace and cheap even for DA3-Large.
+        """
+        device = next(self.parameters()).device
+        size = image_size or 2 * self.config.patch_size
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(1, num_views, 3, size, size, generator=generator)
+        extrinsics = torch.eye(4).repeat(1, num_views, 1, 1)
+        extrinsics[0, :, 0, 3] = torch.arange(num_views, dtype=torch.float32) * 0.1
+        intrinsics = torch.tensor([[size, 0.0, size / 2], [0.0, size, size / 2], [0.0, 0.0, 1.0]]).repeat(1, num_views, 1, 1)
+        return images.to(device), extrinsics.to(device), intrinsics.to(device)
+
     def forward(
         self,
         images: torch.Tensor,

@@ -482,6 +482,20 @@ class VGGT(nn.Module):
                 intermediate_layer_idx=list(track.intermediate_layer_idx),
             )
 
+    def example_inputs(self, num_frames: int = 2, image_size: int | None = None, num_queries: int = 4) -> tuple[Tensor, Tensor]:
+        """Seeded ``(images, query_points)`` on the model's device that run every branch: images
+        (1, S, 3, H, H) in [0, 1] and query points (1, N, 2) in pixels for the track head.
+
+        S >= 2 so that frame attention (P tokens) and global attention (S * P tokens) see
+        different lengths; H defaults to two patches, enough to trace and cheap even for VGGT-1B.
+        """
+        device = next(self.parameters()).device
+        size = image_size or 2 * self.patch_size
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(1, num_frames, 3, size, size, generator=generator)
+        queries = torch.rand(1, num_queries, 2, generator=generator) * (size - 1)
+        return images.to(device), queries.to(device)
+
     def forward(self, images: Tensor, query_points: Tensor | None = None) -> dict[str, Tensor | list[Tensor]]:
         images = check_images(images, self.patch_size)
         if query_points is not None and query_points.ndim == 2:
