@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+
+import lite3r_compile.sla
 from hypothesis import given
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -152,6 +154,9 @@ def test_invalid_inputs_name_the_op():
 
 def test_missing_triton_kernels_raise_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lite3r_compile.sla.triton_sla", None)
+    # an earlier import leaves the submodule as a package attribute, which `from ... import`
+    # would return without looking at sys.modules
+    monkeypatch.delattr(lite3r_compile.sla, "triton_sla", raising=False)
     with pytest.raises(RuntimeError, match="lite3r_compile.sla.triton_sla"):
         op._triton_sla()
 

@@ -1,0 +1,225 @@
+"""Sparse Linear Attention through Triton: the CUDA implementation of ``lite3r::sla_forward`` and
+``lite3r::sla_backward``.
+
+One forward call runs, for q (B, H, Nq, D) and k, v (B, H, Nk, D):
+
+1. the block map (triton_blockmap.py): pooled scores (B, H, Mq, Mk), top-k, block classes, the
+   lookup table of critical key blocks and the marginal indicator;
+2. the linear-branch states (triton_linear.py): [phi(K_j)^T V_j | phi(K_j)^T 1] per key block
+   (the same pass over k gives the key-block sums the block map scores with), summed over each
+   query block's marginal key blocks by one batched product;
+3. the fused attention kernel (triton_attention.py): online softmax over the critical blocks,
+   then o_l and o = o_s + o_l W^T + b in the epilogue.
+
+The backward recomputes steps 1-2 from the saved block_class, runs a dq kernel per query block
+(which also produces delta and the gradient of each query block's state), sends the state
+gradients back to the key blocks with the transposed product, and runs a dk/dv kernel per key
+block over the query blocks that chose it. Nothing of size Nq x Nk is ever materialised.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from lite3r_compile.sla.config import SLAConfig
+from lite3r_compile.sla.reference import LINEAR_DENOMINATOR_EPS
+from lite3r_compile.sla.triton_attention import (
+    _sla_bwd_dkdv_kernel,
+    _sla_bwd_dq_kernel,
+    _sla_fwd_kernel,
+)
+from lite3r_compile.sla.triton_blockmap import (
+    BlockMap,
+    build_block_map,
+    block_map_from_classes,
+    transposed_critical_lut,
+)
+from lite3r_compile.sla.triton_linear import (
+    DOT_BF16,
+    DOT_CODES,
+    DOT_F32,
+    DOT_TF32,
+    FEATURE_MAP_CODES,
+    key_block_states,
+    marginal_indicator,
+    marginal_sum,
+)
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    scale: float,
+    config: SLAConfig,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA forward.
+
+    Returns (o, o_l, lse, block_class): o (B, H, Nq, D) in q.dtype, o = o_s + o_l W^T + b
+    computed in float32; o_l (B, H, Nq, D) float32, the linear branch before the projection;
+    lse (B, H, Nq) float32, the natural-log logsumexp of scale * q.k over the critical keys;
+    block_class (B, H, Mq, Mk) int8. o_l and lse are empty (0,) tensors unless
+    ``save_for_backward``.
+    """
+    _check_inputs(q, k, v, proj_weight, config)
+    key_states, k_sums = key_block_states(k, v, config, _state_dtype(k))
+    block_map = build_block_map(q, k_sums, k.shape[2], config, _state_dtype(q))
+    states = marginal_sum(block_map.marginal, key_states, dot=_state_dot(k))
+    o, o_l, lse = attention_forward(q, k, v, block_map, states, proj_weight, proj_bias, scale,
+                                    config, save_for_backward)
+    return o, o_l, lse, block_map.block_class
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: BlockMap,
+    states: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    scale: float,
+    config: SLAConfig,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused attention kernel alone, given the block map and the marginal sums of the
+    linear-branch states (B, H, Mq, D*D + D): (o, o_l, lse) as in ``forward`` (the benchmark
+    times it apart from the other steps)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    o = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
+    if save_for_backward:
+        o_l = torch.empty(B, H, Nq, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+    else:
+        o_l = lse = torch.empty(0, device=q.device, dtype=torch.float32)
+    Mq = block_map.block_class.shape[2]
+    _sla_fwd_kernel[(Mq, B * H)](
+        q, k, v, block_map.critical_lut, block_map.critical_count, states,
+        proj_weight.float().contiguous(), proj_bias.float().contiguous(), o, o_l, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, Nq, Nk, Mq, block_map.critical_lut.shape[-1], float(scale), LINEAR_DENOMINATOR_EPS,
+        BLOCK_M=config.block_q, BLOCK_N=config.block_k, D=D,
+        FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map], DOT=DOT_CODES[q.dtype],
+        LIN_DOT=_linear_dot(q), EVEN_N=Nk % config.block_k == 0, SAVE=save_for_backward,
+    )
+    return o, o_l, lse
+
+
+def backward(
+    grad_o: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    o_l: torch.Tensor,
+    lse: torch.Tensor,
+    block_class: torch.Tensor,
+    proj_weight: torch.Tensor,
+    scale: float,
+    config: SLAConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA backward from the tensors ``forward(..., save_for_backward=True)`` returned, with the
+    block classes held fixed. Only the block sizes and feature map of ``config`` are used.
+
+    ``o`` is accepted for the op's signature but not read: delta = rowsum(grad_o * o_s) is
+    accumulated inside the dq kernel, since o_s = o - (o_l W^T + b) would need the bias.
+    Returns (dq, dk, dv, d_proj_weight, d_proj_bias), the first three in the dtypes of q, k, v,
+    the last two float32.
+    """
+    _check_inputs(q, k, v, proj_weight, config)
+    if o_l.numel() == 0 or lse.numel() == 0:
+        raise ValueError(
+            "lite3r_compile.sla.triton_sla.backward: o_l and lse are empty; run forward with "
+            "save_for_backward=True"
+        )
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Mq, Mk = block_class.shape[2], block_class.shape[3]
+    block_class = block_class.contiguous()
+    block_map = block_map_from_classes(block_class, _state_dtype(q))
+    states = marginal_sum(block_map.marginal, key_block_states(k, v, config, _state_dtype(k))[0],
+                          dot=_state_dot(k))
+    weight = proj_weight.float().contiguous()
+    o_l = o_l.contiguous()
+
+    dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
+    d_states_q = torch.empty(B, H, Mq, D * D + D, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+    common = dict(D=D, FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map], DOT=DOT_CODES[q.dtype],
+                  LIN_DOT=_linear_dot(q), BLOCK_M=config.block_q, BLOCK_N=config.block_k)
+    _sla_bwd_dq_kernel[(Mq, B * H)](
+        q, k, v, grad_o, o_l, lse.contiguous(), block_map.critical_lut, block_map.critical_count,
+        states, weight,
+        dq, d_states_q, delta,
+        *q.stride(), *k.stride(), *v.stride(), *grad_o.stride(),
+        H, Nq, Nk, Mq, block_map.critical_lut.shape[-1], float(scale), LINEAR_DENOMINATOR_EPS,
+        EVEN_N=Nk % config.block_k == 0, **common,
+    )
+
+    to_keys = marginal_indicator(block_class, transpose=True, dtype=torch.float32)
+    d_states_k = marginal_sum(to_keys, d_states_q, dot=_linear_dot(q))
+    t_lut, t_count = transposed_critical_lut(block_class)
+    dk = torch.empty(B, H, Nk, D, device=k.device, dtype=k.dtype)
+    dv = torch.empty(B, H, Nk, D, device=v.device, dtype=v.dtype)
+    _sla_bwd_dkdv_kernel[(Mk, B * H)](
+        q, k, v, grad_o, lse.contiguous(), delta, t_lut, t_count, d_states_k, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_o.stride(),
+        H, Nq, Nk, Mk, t_lut.shape[-1], float(scale),
+        EVEN_M=Nq % config.block_q == 0, **common,
+    )
+
+    grad_rows = grad_o.reshape(-1, D).float()
+    d_proj_weight = grad_rows.T @ o_l.reshape(-1, D)
+    d_proj_bias = grad_rows.sum(dim=0)
+    return dq, dk, dv, d_proj_weight, d_proj_bias
+
+
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    # For half-precision inputs the per-key-block states go through the indicator product as
+    # bfloat16 (8 exponent bits: no overflow); float32 inputs stay exact.
+    return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+
+
+def _state_dot(x: torch.Tensor) -> int:
+    return DOT_F32 if x.dtype == torch.float32 else DOT_BF16
+
+
+def _linear_dot(q: torch.Tensor) -> int:
+    # The linear branch and the projection are float32 math: exact for float32 inputs, tf32
+    # (10 mantissa bits, finer than the bf16/fp16 output) for half-precision inputs.
+    return DOT_F32 if q.dtype == torch.float32 else DOT_TF32
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                  config: SLAConfig) -> None:
+    where = "lite3r_compile.sla.triton_sla"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{where}: q, k, v must be (B, H, N, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"{where}: k and v must be (B, H, Nk, D) matching q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"{where}: head dim {D} is not supported (supported: {HEAD_DIMS}); "
+                         "use the reference implementation for other head dims")
+    if q.dtype not in DOT_CODES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{where}: q, k, v must share one dtype among float32, float16, "
+                         f"bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"{where}: empty sequence (Nq={q.shape[2]}, Nk={k.shape[2]})")
+    if tuple(proj_weight.shape) != (D, D):
+        raise ValueError(f"{where}: proj_weight must be ({D}, {D}), got {tuple(proj_weight.shape)}")
+    if not q.is_cuda and not triton.knobs.runtime.interpret:
+        raise RuntimeError(f"{where}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 "
+                           "set before triton is imported, for CPU tests); got device "
+                           f"{q.device}")
