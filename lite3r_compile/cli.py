@@ -17,6 +17,9 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "zoo": "zoo",
     "inspect": "inspect_model",
+    "distill": "distill",
+    "eval": "eval_model",
+    "bench": "bench",
 }
 
 

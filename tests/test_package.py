@@ -68,3 +68,10 @@ def test_console_script_is_installed():
     )
     assert out.returncode == 0, out.stderr
     assert "usage: lite3r" in out.stdout
+
+
+def test_lite3r_backend_is_registered_through_the_entry_point():
+    # a fresh process that never imports lite3r_compile: Dynamo finds the backend by entry point
+    code = "import torch._dynamo; print('lite3r' in torch._dynamo.list_backends())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

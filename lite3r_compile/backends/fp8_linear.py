@@ -43,6 +43,38 @@ def quantize_to_e4m3(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+def float8_linear(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, granularity: str
+) -> Tensor:
+    """``x (..., in) -> (..., out)`` with ``x`` quantized on the fly and a pre-quantized weight:
+    ``weight`` (out, in) float8 e4m3, ``weight_scale`` (out, 1) rowwise or () tensorwise, ``bias``
+    (out,) or None. Real FP8 GEMM where :func:`has_fp8_gemm`, float32 emulation of the same
+    rounded operands elsewhere; the output has ``x``'s dtype."""
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"float8_linear: input has {x.shape[-1]} features, expected {in_features}")
+    rowwise = granularity == "rowwise"
+    lead = x.shape[:-1]
+    x_q, x_scale = quantize_to_e4m3(x.reshape(-1, in_features), rowwise)
+    if has_fp8_gemm(x.device) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        # rowwise scaling in cuBLAS needs a bf16 output; other dtypes are cast after
+        mm_dtype = torch.bfloat16 if rowwise else x.dtype
+        out = torch._scaled_mm(
+            x_q,
+            weight.t(),  # (in, out), column-major: what cuBLASLt wants for B
+            scale_a=x_scale,
+            scale_b=weight_scale.t() if rowwise else weight_scale,
+            bias=bias.to(mm_dtype) if bias is not None else None,
+            out_dtype=mm_dtype,
+        ).to(x.dtype)
+    else:
+        out = F.linear(x_q.float() * x_scale, weight.float() * weight_scale)
+        if bias is not None:
+            out = out + bias.float()
+        out = out.to(x.dtype)
+    return out.reshape(*lead, out_features)
+
+
 class Float8Linear(nn.Module):
     """A Linear layer with float8 e4m3 weights for inference (no gradients).
 
@@ -81,13 +113,25 @@ class Float8Linear(nn.Module):
         dtype = dtype or linear.weight.dtype
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     granularity=granularity, dtype=dtype, device=linear.weight.device)
-        with torch.no_grad():
-            w_q, w_scale = quantize_to_e4m3(linear.weight, granularity == "rowwise")
-            layer.weight.copy_(w_q)
-            layer.weight_scale.copy_(w_scale)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer.quantize_from(linear)
         return layer
+
+    @torch.no_grad()
+    def quantize_from(self, linear: nn.Linear) -> None:
+        """Overwrite the buffers in place with ``linear``'s weight (quantized) and bias, e.g. after
+        its weights changed: the buffers keep their identity, so compiled code stays valid."""
+        if (linear.out_features, linear.in_features) != tuple(self.weight.shape):
+            raise ValueError(
+                f"Float8Linear.quantize_from: Linear is {linear.in_features}->{linear.out_features}, "
+                f"this layer {self.in_features}->{self.out_features}"
+            )
+        if (linear.bias is None) != (self.bias is None):
+            raise ValueError("Float8Linear.quantize_from: the Linear and this layer differ in having a bias")
+        w_q, w_scale = quantize_to_e4m3(linear.weight, self.granularity == "rowwise")
+        self.weight.copy_(w_q)
+        self.weight_scale.copy_(w_scale)
+        if linear.bias is not None:
+            self.bias.copy_(linear.bias)
 
     @classmethod
     def from_fake_quant(cls, fq: FP8FakeQuantLinear, dtype: torch.dtype | None = None) -> "Float8Linear":
@@ -100,35 +144,7 @@ class Float8Linear(nn.Module):
         return cls.from_linear(fq, granularity=fq.granularity, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Float8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        rowwise = self.granularity == "rowwise"
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_to_e4m3(x2, rowwise)
-        if has_fp8_gemm(x.device) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
-            out = self._scaled_mm(x_q, x_scale, x.dtype)
-        else:
-            out = F.linear(x_q.float() * x_scale, self.weight.float() * self.weight_scale)
-            if self.bias is not None:
-                out = out + self.bias.float()
-            out = out.to(x.dtype)
-        return out.reshape(*lead, self.out_features)
-
-    def _scaled_mm(self, x_q: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
-        rowwise = self.granularity == "rowwise"
-        # rowwise scaling in cuBLAS needs a bf16 output; other dtypes are cast after
-        mm_dtype = torch.bfloat16 if rowwise else out_dtype
-        bias = self.bias.to(mm_dtype) if self.bias is not None else None
-        out = torch._scaled_mm(
-            x_q,
-            self.weight.t(),  # (in, out), column-major: what cuBLASLt wants for B
-            scale_a=x_scale,
-            scale_b=self.weight_scale.t() if rowwise else self.weight_scale,
-            bias=bias,
-            out_dtype=mm_dtype,
-        )
-        return out.to(out_dtype)
+        return float8_linear(x, self.weight, self.weight_scale, self.bias, self.granularity)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 {self.granularity}"

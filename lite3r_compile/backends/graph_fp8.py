@@ -1,0 +1,207 @@
+"""FP8 dynamic quantization of the Linear calls of a Dynamo FX graph.
+
+Each ``linear(x, weight, bias)`` whose weight is a parameter of the model (a graph input or
+attribute, 2-D, both dims multiples of ``FP8Config.multiple_of``) becomes
+:func:`dynamic_float8_linear`: the weight and the input are quantized to e4m3 with absmax scales
+(rowwise or tensorwise) at every call, then multiplied by ``torch._scaled_mm`` (or emulated where
+the device has no FP8 GEMMs). The quantization is plain tensor ops, so Inductor fuses the input's
+into the kernel that produces it, and the weight's is one pass over the weight (small against
+the GEMM at 3D-reconstruction token counts); reading the weight at each call keeps the compiled
+model in step with later changes of its parameters.
+
+Which layers: ``FP8Config``'s rules (``exclude``, unaligned dims, ``include``, patch embeddings,
+heads, then "inside a transformer block", the parent of an attention site), with module paths
+found from the modules being called. A graph break can leave a block's Linear layers in a graph
+without its attention; such a graph quantizes every Linear outside heads and patch embeddings.
+Dynamo reuses a graph for every module running the same code on the same shapes (the blocks of
+a ``ModuleList``): the choice made for the module it was traced on holds for all of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lite3r_compile.backends.fp8_linear import float8_linear, quantize_to_e4m3
+from lite3r_compile.backends.graph_attention import module_path
+from lite3r_compile.config import HEAD_NAME_GLOBS, PATCH_EMBED_NAME_GLOBS, FP8Config, matches_any
+
+LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+
+
+def dynamic_float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, granularity: str) -> Tensor:
+    """``F.linear(x, weight, bias)`` with both operands quantized to e4m3 on the fly; output in
+    ``x``'s dtype. Shapes: x (..., in), weight (out, in), bias (out,)."""
+    weight_q, weight_scale = quantize_to_e4m3(weight, granularity == "rowwise")
+    return float8_linear(x, weight_q, weight_scale, bias, granularity)
+
+
+@dataclass(frozen=True)
+class GraphLinear:
+    """One Linear call of a Dynamo graph and whether it was quantized (``reason``: why not, or
+    the rule that chose it)."""
+
+    path: str
+    in_features: int | None
+    out_features: int | None
+    quantized: bool
+    reason: str
+
+
+def _ancestor_named(path: str, globs: tuple[str, ...]) -> str | None:
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if matches_any(part, globs):
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _parameter(node: object, gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> Tensor | None:
+    """The parameter a weight argument is, or None for a computed tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        value = inputs.get(node)
+        return value if isinstance(value, nn.Parameter) else None
+    if node.op == "get_attr":
+        value = getattr(gm, str(node.target), None)
+        return value if isinstance(value, Tensor) else None
+    return None
+
+
+def parameter_names(parameters: list[Tensor]) -> dict[int, str]:
+    """``id(parameter) -> qualified name`` in the outermost module being called that holds all
+    of ``parameters``, or {} when none does.
+
+    A Dynamo graph names modules relative to the frame it traced, and after a graph break that
+    frame can be a submodule's forward (``blocks.0.attn`` of ``aggregator.patch_embed``): the
+    full path, which the FP8 rules need, is found from the modules whose calls are on the Python
+    stack while Dynamo compiles.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    callers = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule):
+            owner = owner._orig_mod
+        if isinstance(owner, nn.Module) and all(owner is not c for c in callers):
+            callers.append(owner)
+        frame = frame.f_back
+    wanted = {id(p) for p in parameters}
+    for root in reversed(callers):  # outermost first
+        names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+        if wanted <= names.keys():
+            return names
+    return {}
+
+
+def _weight_of(node: fx.Node) -> object:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+
+
+def graph_prefix(gm: fx.GraphModule, example_inputs: list) -> str | None:
+    """The qualified name, in the outermost module being called, of the module whose forward
+    Dynamo traced into ``gm`` ("" for the root), read off a Linear call whose weight is a
+    parameter; None when the graph has no such call."""
+    inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    names = parameter_names([v for v in example_inputs if isinstance(v, nn.Parameter)])
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
+            continue
+        weight = _parameter(_weight_of(node), gm, inputs)
+        name = names.get(id(weight)) if weight is not None else None
+        relative = module_path(node)
+        if name is None or not relative:
+            continue
+        full = name.rpartition(".")[0]
+        if full == relative:
+            return ""
+        if full.endswith("." + relative):
+            return full[: -len(relative) - 1]
+    return None
+
+
+def _inside(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def _decide(path: str, weight: Tensor, config: FP8Config, blocks: list[str]) -> tuple[bool, str]:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return False, "weight is not a 2-D floating-point matrix"
+    out_features, in_features = weight.shape
+    if matches_any(path, config.exclude):
+        return False, "FP8Config.exclude"
+    n = config.multiple_of
+    if in_features % n or out_features % n:
+        return False, f"in/out features {in_features}/{out_features} not multiples of {n}"
+    if matches_any(path, config.include):
+        return True, "FP8Config.include"
+    if config.skip_patch_embed and _ancestor_named(path, PATCH_EMBED_NAME_GLOBS) is not None:
+        return False, "under a patch embedding (FP8Config.skip_patch_embed)"
+    if config.skip_heads and _ancestor_named(path, HEAD_NAME_GLOBS) is not None:
+        return False, "under a head (FP8Config.skip_heads)"
+    if not blocks:
+        return True, "no attention in this graph: every Linear outside heads"
+    block = next((b for b in blocks if _inside(path, b)), None)
+    if block is None:
+        return False, "outside every transformer block"
+    return True, f"in transformer block {block!r}"
+
+
+def quantize_dynamo_linears(gm: fx.GraphModule, example_inputs: list, config: FP8Config,
+                            site_paths: list[str] = ()) -> list[GraphLinear]:
+    """Replace the chosen Linear calls of ``gm`` by :func:`dynamic_float8_linear`, in place.
+    ``example_inputs`` are the graph's inputs as Dynamo passes them to a backend (parameters are
+    ``nn.Parameter``). ``site_paths``: full module paths of the attention sites of this graph;
+    their parents are the transformer blocks whose Linear layers are quantized, as
+    :func:`lite3r_compile.passes.fp8_qat.plan_fp8` does (a graph without attention quantizes
+    every Linear outside heads and patch embeddings). Returns one :class:`GraphLinear` per
+    Linear call."""
+    blocks = sorted({p.rsplit(".", 1)[0] if "." in p else "" for p in site_paths})
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, example_inputs))
+    names = parameter_names([v for v in example_inputs if isinstance(v, nn.Parameter)])
+    found = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in LINEAR_FUNCTIONS:
+            continue
+        x = node.args[0]
+        weight_node = _weight_of(node)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        weight = _parameter(weight_node, gm, inputs)
+        if weight is None:
+            found.append(GraphLinear(module_path(node), None, None, False,
+                                     "weight is computed in the graph, not a parameter"))
+            continue
+        name = names.get(id(weight))
+        path = name.rpartition(".")[0] if name is not None else module_path(node)
+        out_features, in_features = weight.shape if weight.dim() == 2 else (None, None)
+        quantized, reason = _decide(path, weight, config, blocks) if config.enabled else (False, "FP8 off")
+        found.append(GraphLinear(path, in_features, out_features, quantized, reason))
+        if not quantized:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(dynamic_float8_linear, (x, weight_node, bias, config.granularity))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return found
+
+
+__all__ = [
+    "GraphLinear",
+    "LINEAR_FUNCTIONS",
+    "dynamic_float8_linear",
+    "graph_prefix",
+    "parameter_names",
+    "quantize_dynamo_linears",
+]

@@ -1,0 +1,227 @@
+"""The ``lite3r`` torch.compile backend: ``torch.compile(model, backend="lite3r")``.
+
+Registered through the ``torch_dynamo_backends`` entry point (``lite3r =
+"lite3r_compile.backends.registration:lite3r_backend"``), so it works after ``pip install`` with no
+import of lite3r_compile. For each graph Dynamo captures it
+
+1. rewrites every dense attention it can into Sparse Linear Attention, training-free (``proj_l``
+   zero: block-sparse attention over the top ``topk`` key blocks, exact at ``topk=1.0``), on the
+   Dynamo graph, before AOTAutograd (:mod:`lite3r_compile.backends.graph_attention`);
+2. quantizes the Linear calls to FP8 with dynamic, fused activation scales
+   (:mod:`lite3r_compile.backends.graph_fp8`);
+3. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
+
+Options (``torch.compile(model, backend="lite3r", options={...})``): ``topk``, ``negligible``,
+``block_q``, ``block_k``, ``feature_map`` (:class:`~lite3r_compile.sla.config.SLAConfig`),
+``sla`` (rewrite attention, default True), ``fp8`` (default True), ``granularity``
+(``"rowwise"``/``"tensorwise"``), ``fp8_exclude`` (module-path globs kept high precision),
+``compiler`` (``"inductor"``/``"eager"``), ``cuda_graphs``. ``mode`` is Inductor's
+(``"reduce-overhead"`` turns CUDA graphs on). An unknown option is an error.
+
+Where the graph's tensors are not on a GPU with FP8 tensor cores, FP8 is emulated (same
+rounding, float32 products) and SLA runs its PyTorch reference off CUDA; one warning says so.
+Graph breaks are reported by a :class:`GraphBreakWarning` per distinct reason, and every graph
+compiled leaves a :class:`GraphReport` (see :func:`compile_reports`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from lite3r_compile.backends.fp8_linear import has_fp8_gemm
+from lite3r_compile.backends.graph_attention import GraphSite, rewrite_dynamo_attention
+from lite3r_compile.backends.graph_fp8 import GraphLinear, graph_prefix, quantize_dynamo_linears
+from lite3r_compile.config import FP8Config, GRANULARITIES
+from lite3r_compile.sla.config import SLAConfig
+
+COMPILERS: tuple[str, ...] = ("inductor", "eager")
+
+
+class GraphBreakWarning(UserWarning):
+    """Dynamo broke the model into several graphs; each piece is compiled on its own and the
+    code between pieces runs in Python."""
+
+
+class NoFP8DeviceWarning(UserWarning):
+    """The ``lite3r`` backend compiled for a device without FP8 GEMMs: FP8 is emulated and SLA
+    runs its PyTorch reference off CUDA."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of the ``lite3r`` backend (see the module docstring)."""
+
+    topk: float = SLAConfig.topk
+    negligible: float = SLAConfig.negligible
+    block_q: int = SLAConfig.block_q
+    block_k: int = SLAConfig.block_k
+    feature_map: str = SLAConfig.feature_map
+    sla: bool = True
+    fp8: bool = True
+    granularity: str = "rowwise"
+    fp8_exclude: tuple[str, ...] = ()
+    compiler: str = "inductor"
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        self.sla_config()  # SLAConfig validates topk, block sizes and the feature map
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"lite3r backend: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"lite3r backend: compiler must be one of {COMPILERS}, got {self.compiler!r}")
+        exclude = (self.fp8_exclude,) if isinstance(self.fp8_exclude, str) else tuple(self.fp8_exclude)
+        object.__setattr__(self, "fp8_exclude", exclude)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "CompileOptions":
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(
+                f"lite3r backend: unknown option(s) {unknown}; known options: {known} "
+                "(torch.compile(model, backend='lite3r', options={...}))"
+            )
+        return cls(**options)
+
+    def sla_config(self) -> SLAConfig:
+        return SLAConfig(topk=self.topk, negligible=self.negligible, block_q=self.block_q,
+                         block_k=self.block_k, feature_map=self.feature_map)
+
+    def fp8_config(self) -> FP8Config:
+        return FP8Config(enabled=self.fp8, granularity=self.granularity, exclude=self.fp8_exclude)
+
+
+@dataclass
+class GraphReport:
+    """What the backend did to one Dynamo graph: the attention sites (rewritten or why not), the
+    Linear calls (quantized or why not), the graph breaks Dynamo reported before this graph, the
+    device, and whether FP8 is emulated there."""
+
+    options: CompileOptions
+    device: torch.device
+    fp8_emulated: bool
+    sites: list[GraphSite] = field(default_factory=list)
+    linears: list[GraphLinear] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+    @property
+    def quantized(self) -> int:
+        return sum(lin.quantized for lin in self.linears)
+
+
+_REPORTS: list[GraphReport] = []
+_REPORTED_BREAKS: set[str] = set()
+_WARNED_DEVICES: set[str] = set()
+
+
+def compile_reports() -> list[GraphReport]:
+    """One :class:`GraphReport` per graph the ``lite3r`` backend compiled in this process, oldest
+    first (cleared by :func:`clear_compile_reports`)."""
+    return list(_REPORTS)
+
+
+def clear_compile_reports() -> None:
+    _REPORTS.clear()
+    _REPORTED_BREAKS.clear()
+
+
+def _graph_device(example_inputs: list) -> torch.device:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _new_graph_breaks() -> list[str]:
+    """Graph-break reasons Dynamo counted that were not reported yet."""
+    from torch._dynamo.utils import counters
+
+    new = [reason for reason in counters["graph_break"] if reason not in _REPORTED_BREAKS]
+    _REPORTED_BREAKS.update(new)
+    return new
+
+
+def _warn_no_fp8_device(device: torch.device, options: CompileOptions) -> None:
+    parts = []
+    if options.fp8:
+        parts.append("FP8 GEMMs are emulated (e4m3 rounding, float32 products)")
+    if options.sla and device.type != "cuda":
+        parts.append("SLA runs its PyTorch reference instead of the Triton kernels")
+    key = str(device)
+    if key in _WARNED_DEVICES or not parts:
+        return
+    _WARNED_DEVICES.add(key)
+    warnings.warn(
+        f"lite3r backend: {device} is not a GPU of compute capability >= 8.9: " + "; ".join(parts),
+        NoFP8DeviceWarning,
+        stacklevel=2,
+    )
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list, options: CompileOptions, mode: str | None) -> Callable:
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    if options.cuda_graphs:
+        patches["triton.cudagraphs"] = True
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _full_path(site: GraphSite, prefix: str | None) -> GraphSite:
+    """A site's module path in the outermost module called (Dynamo's is relative to the traced
+    frame); unchanged when the frame's place is unknown."""
+    if not prefix:
+        return site
+    return dataclasses.replace(site, path=f"{prefix}.{site.path}" if site.path else prefix)
+
+
+def lite3r_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[str, Any] | None = None,
+                   mode: str | None = None, **more_options: Any) -> Callable:
+    """The ``lite3r`` backend (a Dynamo backend: a graph and its example inputs in, a callable
+    out). Options come as ``options={...}`` (what ``torch.compile`` passes) or keywords."""
+    opts = CompileOptions.from_options({**(options or {}), **more_options})
+    device = _graph_device(example_inputs)
+    fp8_emulated = opts.fp8 and not has_fp8_gemm(device)
+    if not has_fp8_gemm(device):
+        _warn_no_fp8_device(device, opts)
+    report = GraphReport(opts, device, fp8_emulated, graph_breaks=_new_graph_breaks())
+    for reason in report.graph_breaks:
+        warnings.warn(
+            f"lite3r backend: Dynamo graph break (the model runs as several compiled graphs with "
+            f"Python in between): {reason.splitlines()[0]}",
+            GraphBreakWarning,
+            stacklevel=2,
+        )
+    prefix = graph_prefix(gm, example_inputs)
+    if opts.sla:
+        report.sites = [_full_path(site, prefix) for site in rewrite_dynamo_attention(gm, opts.sla_config())]
+    site_paths = [site.path for site in report.sites] if prefix is not None else []
+    report.linears = quantize_dynamo_linears(gm, example_inputs, opts.fp8_config(), site_paths)
+    _REPORTS.append(report)
+    if opts.compiler == "eager":
+        return gm.forward
+    return _inductor(gm, example_inputs, opts, mode)
+
+
+__all__ = [
+    "COMPILERS",
+    "CompileOptions",
+    "GraphBreakWarning",
+    "GraphReport",
+    "NoFP8DeviceWarning",
+    "clear_compile_reports",
+    "compile_reports",
+    "lite3r_backend",
+]

@@ -1,0 +1,128 @@
+"""Latency, peak memory and output error of one model call.
+
+Latency: the first call (compilation included) is timed on its own and reported as warm-up; one
+more untimed call follows; then ``iters`` calls are timed one by one with CUDA events (host clock
+after a synchronize on a CPU) and the median is the latency. The number of timed calls adapts to
+the call's length: as many as fit in ``target_s``, between ``min_iters`` and ``max_iters``.
+
+Peak memory: ``torch.cuda.reset_peak_memory_stats`` before the timed calls, then
+``max_memory_allocated - memory_allocated_before`` is the call's working memory (activations,
+workspaces, outputs); adding the bytes of the weights the call runs on gives the peak of a process
+that holds that model alone. The process-wide numbers are kept too.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Timing:
+    """``first_call_s``: the first call (compilation included); ``compile_s``: that minus one
+    steady call; ``latency_ms``: median of the timed calls, ``samples_ms`` all of them;
+    ``working_bytes``: peak allocated during the timed calls minus allocated before them;
+    ``allocated_before_bytes`` / ``max_allocated_bytes``: process-wide; ``output``: the output of
+    the second call (for error checks)."""
+
+    first_call_s: float
+    compile_s: float
+    latency_ms: float
+    samples_ms: list[float]
+    working_bytes: int | None
+    allocated_before_bytes: int | None
+    max_allocated_bytes: int | None
+    output: Any = field(repr=False, default=None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and give cached blocks back, so the next variant starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, output) of one call, synchronized."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def time_forward(fn: Callable[[], Any], device: torch.device, *, target_s: float = 2.0,
+                 min_iters: int = 3, max_iters: int = 20) -> Timing:
+    """Warm up, then time ``fn`` (see the module docstring). ``min_iters`` may be 1 (tests)."""
+    first_s, _ = timed_call(fn, device)
+    second_s, output = timed_call(fn, device)
+    iters = max(min_iters, min(max_iters, math.ceil(target_s / max(second_s, 1e-6))))
+
+    release_memory(device)
+    cuda = device.type == "cuda"
+    before = peak = None
+    if cuda:
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()  # the output is dropped at once: no two outputs are alive together
+            end.record()
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) for start, end in events]
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        samples = []
+        for _ in range(iters):
+            start_t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start_t) * 1e3)
+    latency = statistics.median(samples)
+    return Timing(
+        first_call_s=first_s,
+        compile_s=max(0.0, first_s - latency / 1e3),
+        latency_ms=latency,
+        samples_ms=samples,
+        working_bytes=None if peak is None else peak - before,
+        allocated_before_bytes=before,
+        max_allocated_bytes=peak,
+        output=output,
+    )
+
+
+def relative_errors(output: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, float]:
+    """``||out - ref|| / ||ref||`` (L2, float64) per key of ``reference``; NaN where the output is
+    missing, has another shape or is not finite (a NaN never passes a threshold)."""
+    errors = {}
+    for key, ref in reference.items():
+        out = output.get(key)
+        if out is None or out.shape != ref.shape:
+            errors[key] = math.nan
+            continue
+        out64, ref64 = out.detach().to(torch.float64), ref.detach().to(device=out.device, dtype=torch.float64)
+        if not bool(torch.isfinite(out64).all()):
+            errors[key] = math.nan
+            continue
+        errors[key] = float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+    return errors
+
+
+def worst(errors: dict[str, float]) -> float:
+    """The largest error, NaN if any is NaN (or there are none)."""
+    values = list(errors.values())
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values)

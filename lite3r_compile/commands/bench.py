@@ -1,0 +1,90 @@
+"""``lite3r bench``: the end-to-end benchmark of dense models against their lite students.
+
+    lite3r bench --models vggt-1b da3-large --out benchmarks/results --time-budget-s 450
+    lite3r bench --device cpu --models vggt-tiny --frames 1 2 --student-backend eager
+
+See :mod:`lite3r_compile.bench` for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "end-to-end latency / memory / breakdown benchmark: dense bf16 eager and compiled vs lite students"
+
+_VARIANTS = ("dense_eager", "dense_compiled", "student_fp8_sla", "student_fp8_only", "student_sla_only")
+_MODELS = ("vggt-1b", "da3-large", "vggt-tiny", "da3-tiny")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=["vggt-1b", "da3-large"], choices=_MODELS,
+                        help="models to run, in order (default: vggt-1b da3-large)")
+    parser.add_argument("--frames", type=int, nargs="+", default=None,
+                        help="frame counts S (default per model: vggt-1b 8 32 1, da3-large 8 32, tiny 1 2)")
+    parser.add_argument("--variants", nargs="+", default=list(_VARIANTS), choices=_VARIANTS,
+                        help="variants to run (default: all)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder of the JSON and PNG")
+    parser.add_argument("--name", default="e2e", help="file name stem of the results (default e2e)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny presets)")
+    parser.add_argument("--time-budget-s", type=float, default=450.0,
+                        help="wall-clock budget; runs that would not fit are skipped and reported (default 450)")
+    parser.add_argument("--topk", type=float, default=0.1, help="SLA critical-block fraction (default 0.1)")
+    parser.add_argument("--sla-scopes", nargs="+", default=["global"], choices=("frame", "global", "cross", "self"),
+                        help="attention scopes that get SLA (default: global)")
+    parser.add_argument("--student-backend", default=None, choices=("fp8", "inductor", "eager"),
+                        help="build every student with this lite() backend (default fp8; eager runs them uncompiled, for CPU tests)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of dense_compiled (default inductor; eager/aot_eager for tests)")
+    parser.add_argument("--breakdown-frames", type=int, nargs="*", default=[8, 32],
+                        help="frame counts profiled for the per-op breakdown (default 8 32)")
+    parser.add_argument("--no-correctness", action="store_true", help="skip the eager-student error checks")
+    parser.add_argument("--no-exact-check", action="store_true", help="skip topk=1 / FP8-off student vs teacher")
+    parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM ceilings on the model's shapes")
+    parser.add_argument("--image-size", type=int, default=None, help="image side (default 518; tiny presets 28)")
+    parser.add_argument("--target-s", type=float, default=2.0, help="seconds of timed calls per run (default 2)")
+    parser.add_argument("--min-iters", type=int, default=3, help="fewest timed calls per run (default 3)")
+    parser.add_argument("--max-iters", type=int, default=20, help="most timed calls per run (default 20)")
+    parser.add_argument("--compile-estimate-s", type=float, default=90.0,
+                        help="compile time assumed before one is measured, for the budget (default 90)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="run nothing: redraw the PNG and reprint the tables of an existing result JSON")
+
+
+def config_from_args(args: argparse.Namespace):
+    from lite3r_compile.bench import BenchConfig, StudentOptions
+
+    return BenchConfig(
+        models=tuple(args.models), frames=tuple(args.frames) if args.frames else None,
+        variants=tuple(args.variants), out=args.out, name=args.name, device=args.device,
+        time_budget_s=args.time_budget_s,
+        students=StudentOptions(topk=args.topk, sla_scopes=tuple(args.sla_scopes), backend=args.student_backend),
+        compile_backend=args.compile_backend, breakdown_frames=tuple(args.breakdown_frames),
+        correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
+        image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,
+        compile_estimate_s=args.compile_estimate_s, seed=args.seed, plot=not args.no_plot,
+    )
+
+
+def replot(path: str) -> int:
+    import json
+    from pathlib import Path
+
+    from lite3r_compile.bench.plot import plot_results
+    from lite3r_compile.bench.runner import summary_text
+
+    result = json.loads(Path(path).read_text())
+    print(summary_text(result))
+    print(plot_results(result, Path(path).with_suffix(".png")))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from lite3r_compile.bench import run_benchmark
+
+    if args.replot:
+        return replot(args.replot)
+    result = run_benchmark(config_from_args(args))
+    failed = [r for r in result["runs"] if "error" in r]
+    return 1 if failed or not result["runs"] else 0

@@ -1,0 +1,147 @@
+"""Configuration of :func:`lite3r_compile.lite`: which attention sites get SLA, which Linear layers
+get FP8 fake-quantization, and which parameters stay trainable.
+
+Every path glob below is matched with :func:`fnmatch.fnmatchcase` against a dotted module path
+(``aggregator.frame_blocks.0.attn``) or parameter name; ``*`` also matches dots, so
+``"aggregator.*"`` covers everything under ``aggregator``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from lite3r_compile.sla.config import SLAConfig
+
+Granularity = Literal["rowwise", "tensorwise"]
+GRANULARITIES: tuple[str, ...] = ("rowwise", "tensorwise")
+SCOPES: tuple[str, ...] = ("frame", "global", "cross", "self")
+
+# A head is any module whose own name (one path component) matches one of these.
+HEAD_NAME_GLOBS: tuple[str, ...] = ("head", "heads", "*_head", "*_heads", "head_*")
+# A patch embedding is any module whose own name matches one of these (timm, DINOv2, VGGT, DA3).
+PATCH_EMBED_NAME_GLOBS: tuple[str, ...] = ("patch_embed", "patch_embed_*", "*_patch_embed")
+
+
+def matches_any(path: str, globs: tuple[str, ...]) -> bool:
+    """Whether ``path`` matches one of ``globs`` (case-sensitive fnmatch)."""
+    return any(fnmatchcase(path, g) for g in globs)
+
+
+def _as_globs(owner: object, name: str) -> None:
+    """Accept a list or a single string where a tuple of globs is expected (frozen dataclass)."""
+    value = getattr(owner, name)
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    for g in value:
+        if not isinstance(g, str) or not g:
+            raise TypeError(f"{type(owner).__name__}.{name} must hold non-empty glob strings, got {g!r}")
+    object.__setattr__(owner, name, value)
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """FP8 (e4m3) fake-quantization of Linear layers for quantization-aware training.
+
+    Which Linear layers are quantized, in order of precedence:
+
+    1. ``exclude`` globs (module paths) win over everything: matching layers stay high precision.
+    2. Layers whose ``in_features`` or ``out_features`` are not multiples of ``multiple_of`` stay
+       high precision (FP8 GEMMs need 16-aligned dims); they are reported, never silently left.
+    3. ``include`` globs quantize a layer even outside a transformer block, under a head or
+       under the patch embedding.
+    4. With ``skip_patch_embed``, layers under a module named like a patch embedding
+       (``patch_embed``; see :data:`PATCH_EMBED_NAME_GLOBS`) stay high precision.
+    5. With ``skip_heads``, layers under a module named like a head (``camera_head``, ``head``,
+       ...; see :data:`HEAD_NAME_GLOBS`) stay high precision.
+    6. Otherwise a layer is quantized when it sits inside a transformer block: the parent module of
+       an attention site (``blocks.3`` for the site ``blocks.3.attn``). A model without attention
+       has no blocks; then every remaining Linear layer is quantized (an FP8-only student).
+
+    Linear layers inside Sparse Linear Attention (``proj_l``), the packed projections of
+    ``nn.MultiheadAttention`` (its forward reads the weights directly) and subclasses of
+    ``nn.Linear`` (their forward may not be ``F.linear``) are never quantized; the report lists
+    them with the reason.
+
+    ``granularity``: ``"rowwise"`` takes one absmax scale per weight row (output channel) and per
+    activation row (token); ``"tensorwise"`` one scale per tensor.
+    ``quantize_activations``: fake-quantize the Linear inputs too (FP8 x FP8 GEMM), not only the
+    weights.
+    """
+
+    enabled: bool = True
+    granularity: Granularity = "rowwise"
+    quantize_activations: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip_patch_embed: bool = True
+    skip_heads: bool = True
+    multiple_of: int = 16
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"FP8Config.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.multiple_of < 1:
+            raise ValueError(f"FP8Config.multiple_of must be >= 1, got {self.multiple_of}")
+        _as_globs(self, "include")
+        _as_globs(self, "exclude")
+
+
+@dataclass(frozen=True)
+class LiteConfig:
+    """What :func:`lite3r_compile.lite` does to a model.
+
+    ``sla``: the Sparse Linear Attention settings of every rewritten site, unless a glob of
+    ``sla_overrides`` (``((site_glob, SLAConfig), ...)``, first match wins) gives a site its own.
+    ``sla_scopes``: attention scopes that get SLA (``"frame"``, ``"global"``, ``"cross"``,
+    ``"self"``); sites of other scopes stay dense.
+    ``sla_include``: when non-empty, only sites whose path matches one of these globs get SLA.
+    ``sla_exclude``: sites whose path matches one of these globs stay dense.
+    ``fp8``: see :class:`FP8Config`.
+    ``trainable``: parameter-name globs left trainable in addition to the SLA ``proj_l`` weights
+    and biases (everything else is frozen).
+    """
+
+    sla: SLAConfig = field(default_factory=SLAConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    sla_scopes: tuple[str, ...] = SCOPES
+    sla_include: tuple[str, ...] = ()
+    sla_exclude: tuple[str, ...] = ()
+    sla_overrides: tuple[tuple[str, SLAConfig], ...] = ()
+    trainable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sla, SLAConfig):
+            raise TypeError(f"LiteConfig.sla must be an SLAConfig, got {type(self.sla).__name__}")
+        if not isinstance(self.fp8, FP8Config):
+            raise TypeError(f"LiteConfig.fp8 must be an FP8Config, got {type(self.fp8).__name__}")
+        for name in ("sla_scopes", "sla_include", "sla_exclude", "trainable"):
+            _as_globs(self, name)
+        unknown = [s for s in self.sla_scopes if s not in SCOPES]
+        if unknown:
+            raise ValueError(f"LiteConfig.sla_scopes: unknown scopes {unknown}; known: {SCOPES}")
+        overrides = tuple(tuple(o) for o in self.sla_overrides)
+        for o in overrides:
+            if len(o) != 2 or not isinstance(o[0], str) or not isinstance(o[1], SLAConfig):
+                raise TypeError(
+                    f"LiteConfig.sla_overrides entries must be (site_glob, SLAConfig), got {o!r}"
+                )
+        object.__setattr__(self, "sla_overrides", overrides)
+
+    def sla_for(self, path: str, scope: str) -> tuple[SLAConfig | None, str]:
+        """The SLA settings of the site at ``path`` with ``scope``, or ``None`` and why it stays
+        dense by configuration."""
+        if scope not in self.sla_scopes:
+            return None, f"scope {scope!r} not in LiteConfig.sla_scopes {self.sla_scopes}"
+        if self.sla_include and not matches_any(path, self.sla_include):
+            return None, f"not matched by LiteConfig.sla_include {self.sla_include}"
+        if matches_any(path, self.sla_exclude):
+            return None, f"matched by LiteConfig.sla_exclude {self.sla_exclude}"
+        for glob, sla in self.sla_overrides:
+            if fnmatchcase(path, glob):
+                return sla, f"LiteConfig.sla_overrides {glob!r}"
+        return self.sla, ""

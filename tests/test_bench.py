@@ -1,0 +1,186 @@
+"""The end-to-end benchmark (lite3r_compile.bench, `lite3r bench`) on tiny presets on the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from lite3r_compile.bench import breakdown as bd
+from lite3r_compile.bench import gemm
+from lite3r_compile.bench.models import Float32Head, build_model, make_images, model_spec, output_tensors
+from lite3r_compile.bench.timing import relative_errors, worst
+from lite3r_compile.bench.variants import VARIANTS, weight_bytes
+from lite3r_compile.commands import bench as bench_command
+
+RUN_KEYS = {"model", "frames", "variant", "latency_ms", "samples_ms", "first_call_s", "compile_s", "compiled",
+            "weight_bytes", "working_bytes", "peak_bytes", "backend", "wall_s"}
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    parser = argparse.ArgumentParser()
+    bench_command.add_arguments(parser)
+    args = parser.parse_args([
+        "--device", "cpu", "--frames", "2", "--out", str(tmp_path), "--student-backend", "eager",
+        "--compile-backend", "eager", "--breakdown-frames", "2", "--target-s", "0", "--min-iters", "1",
+        "--max-iters", "1", "--time-budget-s", "100000", *extra,
+    ])
+    assert bench_command.run(args) == 0
+    return json.loads((tmp_path / "e2e.json").read_text())
+
+
+def _check_schema(result: dict, model: str, skipped_variants: set[str]) -> None:
+    assert {"meta", "config", "models", "runs", "skipped", "exact_checks", "claims", "elapsed_s"} <= set(result)
+    assert result["models"][model]["parameters"] > 0
+    ran = {r["variant"]: r for r in result["runs"] if r["model"] == model}
+    skipped = {s["variant"]: s for s in result["skipped"] if s["model"] == model}
+    # every variant ran or was skipped with a reason, never both, never silently dropped
+    assert set(ran) | set(skipped) == set(VARIANTS)
+    assert not set(ran) & set(skipped)
+    assert set(skipped) == skipped_variants
+    for s in skipped.values():
+        assert s["reason"]
+    for variant, r in ran.items():
+        assert "error" not in r, r["error"]
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert r["frames"] == 2
+        assert math.isfinite(r["latency_ms"]) and r["latency_ms"] > 0
+        assert r["weight_bytes"] > 0
+        assert r["backend"]["ran"]
+        b = r["breakdown"]
+        for c in (*bd.CATEGORIES, "heads", "busy_ms", "span_ms"):
+            assert math.isfinite(b[c]) and b[c] >= 0
+        assert b["heads_marked"] and b["heads"] > 0  # the head marker split the trace
+        if variant.startswith("student_"):
+            err = r["error_vs_eager_student"]
+            assert set(err["per_key"]) and all(math.isfinite(v) for v in err["per_key"].values())
+            assert math.isfinite(err["max"]) and err["max"] < 2e-2
+        if variant != "dense_eager":
+            assert math.isfinite(r["error_vs_dense_eager"]["max"])
+    fp8_only = ran["student_fp8_only"]["linear_vs_gemm"]
+    assert fp8_only["rates"] and all(row["bf16_ms"] > 0 for row in fp8_only["rates"])
+    assert fp8_only["expected"]["calls"] > 0 and fp8_only["expected"]["fp8_calls"] > 0
+    exact = [e for e in result["exact_checks"] if e["model"] == model]
+    assert len(exact) == 1 and math.isfinite(exact[0]["max"]) and exact[0]["max"] < 1e-2
+    names = {c["claim"] for c in result["claims"] if c["model"] == model}
+    assert any("exact student" in n for n in names)
+    assert all(c["passed"] in (True, False, None) for c in result["claims"])
+
+
+def test_bench_vggt_tiny_every_variant(tmp_path):
+    result = _run(tmp_path, "--models", "vggt-tiny")
+    _check_schema(result, "vggt-tiny", set())
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert runs["dense_compiled"]["compiled"] and runs["dense_compiled"]["compile_s"] > 0
+    assert not runs["dense_eager"]["compiled"]
+    # the SLA students rewrote attention; the FP8-only one has FP8 layers and no SLA
+    assert runs["student_fp8_sla"]["backend"]["sla_sites_rewritten"] > 0
+    assert runs["student_fp8_only"]["backend"]["sla_sites_rewritten"] == 0
+    assert runs["student_fp8_only"]["backend"]["fp8_layers"] > 0
+    assert runs["student_sla_only"]["backend"]["fp8_layers"] == 0
+    assert result["plot"].get("path") or result["plot"].get("skipped")
+
+
+def test_bench_da3_tiny_skips_what_does_not_fit(tmp_path):
+    # a compile estimate far beyond the budget: the compiled variant is skipped, with the reason
+    result = _run(tmp_path, "--models", "da3-tiny", "--compile-estimate-s", "1e9", "--no-plot")
+    _check_schema(result, "da3-tiny", {"dense_compiled"})
+    assert "time budget" in result["skipped"][0]["reason"]
+
+
+def test_float32_heads_behind_a_bf16_backbone():
+    spec = model_spec("vggt-tiny")
+    model = build_model(spec, "cpu")
+    assert isinstance(model.depth_head, Float32Head)
+    assert model.aggregator.frame_blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.depth_head.parameters())
+    with torch.no_grad():
+        out = output_tensors(model(make_images(spec, 2, "cpu")), spec.passthrough_outputs)
+    assert out["depth"].dtype == torch.float32 and "images" not in out
+    # same seed, same weights
+    again = build_model(spec, "cpu")
+    assert torch.equal(again.aggregator.frame_blocks[0].attn.qkv.weight, model.aggregator.frame_blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("_sla_fwd_kernel", "attention"),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "linear"),
+    ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "linear"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwc", "conv"),
+    ("triton_red_fused__to_copy_abs_amax_clamp_div_native_layer_norm_3", "quantization"),
+    ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda, c10::Float8_e4m3fn>", "quantization"),
+    ("triton_per_fused_native_layer_norm_7", "norm_elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "norm_elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+    ("aten::addmm", "linear"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+])
+def test_kernel_categories(name, category):
+    assert bd.classify(name) == category
+
+
+def test_cpu_breakdown_self_time_heads_and_attention_children():
+    events = [  # µs; a forward: attention op with a nested matmul, a linear, the head marker, a head conv
+        {"ph": "X", "cat": "cpu_op", "name": "lite3r::sla_forward", "ts": 0, "dur": 10, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::bmm", "ts": 2, "dur": 6, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::addmm", "ts": 12, "dur": 5, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "user_annotation", "name": "lite3r.bench.heads.depth_head", "ts": 20, "dur": 0, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::convolution", "ts": 21, "dur": 7, "pid": 1, "tid": 1},
+    ]
+    b = bd.breakdown(events, torch.device("cpu"))
+    assert b["attention"] == pytest.approx(0.010)  # 4 µs self + 6 µs nested matmul
+    assert b["linear"] == pytest.approx(0.005)
+    assert b["conv"] == 0 and b["heads"] == pytest.approx(0.007) and b["heads_detail"]["conv"] == pytest.approx(0.007)
+    assert b["busy_ms"] == pytest.approx(0.022)
+
+
+def test_cuda_breakdown_splits_at_the_marker_kernel():
+    def kernel(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7}
+
+    events = [
+        kernel("nvjet_tst_128x256_64x4_2x1_v_bz_TNT", 0, 100),
+        kernel("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", 110, 200),
+        kernel("triton_red_fused__to_copy_abs_amax_clamp_div_native_layer_norm_0", 320, 30),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::addmm", "ts": 0, "dur": 999, "pid": 1, "tid": 1},
+        kernel("spin_kernel(long)", 400, 1),
+        kernel("sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nchw", 410, 50),
+        kernel("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", 470, 10),
+    ]
+    b = bd.breakdown(events, torch.device("cuda"))
+    assert (b["linear"], b["attention"], b["quantization"]) == pytest.approx((0.1, 0.2, 0.03))
+    assert b["heads"] == pytest.approx(0.06) and b["heads_detail"]["conv"] == pytest.approx(0.05)
+    assert b["busy_ms"] == pytest.approx(0.39) and b["span_ms"] == pytest.approx(0.48)
+    assert [k["name"][:6] for k in bd.top_kernels(events, torch.device("cuda"), n=2)] == ["pytorc", "nvjet_"]
+
+
+def test_relative_errors_flag_nan_and_shape_mismatch():
+    ref = {"a": torch.ones(4), "b": torch.ones(3), "c": torch.ones(2)}
+    out = {"a": torch.ones(4) * 1.01, "b": torch.tensor([1.0, float("nan"), 1.0]), "c": torch.ones(3)}
+    errors = relative_errors(out, ref)
+    assert errors["a"] == pytest.approx(0.01)
+    assert math.isnan(errors["b"]) and math.isnan(errors["c"])
+    assert math.isnan(worst(errors)) and worst({"a": 0.1, "b": 0.2}) == 0.2
+
+
+def test_weight_bytes_counts_shared_storage_once():
+    a = torch.nn.Linear(8, 8)
+    b = torch.nn.Linear(8, 8)
+    b.weight = a.weight
+    assert weight_bytes([a, b]) == (64 + 8 + 8) * 4
+
+
+def test_expected_linear_time_uses_fp8_rate_for_fp8_layers_only():
+    calls = [gemm.LinearCall("blocks.0.fc1", 16, 32, 64, True, "bfloat16"),
+             gemm.LinearCall("blocks.0.fc2", 16, 64, 32, True, "bfloat16"),
+             gemm.LinearCall("head.fc", 16, 32, 64, True, "float32")]
+    rates = [{"m": 16, "k": 32, "n": 64, "bias": True, "bf16_ms": 2.0, "fp8_ms": 1.0},
+             {"m": 16, "k": 64, "n": 32, "bias": True, "bf16_ms": 3.0, "fp8_ms": 1.5}]
+    expected = gemm.expected_linear_ms(calls, {"blocks.0.fc1"}, rates, ("head",))
+    assert expected == {"calls": 2, "fp8_calls": 1, "bf16_ms": 5.0, "fp8_student_ms": 4.0}
+    assert gemm.shapes_of(calls, ("head",)) == {(16, 32, 64, True), (16, 64, 32, True)}

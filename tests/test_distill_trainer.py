@@ -1,0 +1,220 @@
+"""The distillation trainer on the zoo's tiny VGGT with synthetic scenes (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
+from lite3r_compile.distill import checkpoint as ckpt
+from lite3r_compile.distill.synthetic import SyntheticScenes, SyntheticSceneConfig
+from lite3r_compile.distill.trainer import DistillConfig, distill, select_attention_sites, warmup_cosine
+from lite3r_compile.models_zoo import create
+
+SCENES = SyntheticScenes(16, SyntheticSceneConfig(num_views=2, height=28, width=28, num_objects=3))
+CONFIG = DistillConfig(lr=5e-3, warmup_steps=3, num_views=2, autocast=False)
+
+
+@pytest.fixture(scope="module")
+def built_pair():
+    """One teacher and its student for the module: capture is the slow part of lite()."""
+    torch.manual_seed(0)
+    teacher = create("vggt-tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = lite(teacher, backend="eager", config=LiteConfig(sla=SLAConfig(topk=0.25, block_q=16, block_k=16)))
+    return teacher, student
+
+
+@pytest.fixture
+def pair(built_pair):
+    """The module's pair with the projections back at their zero initialisation, as lite() makes
+    them (only they change in training), and a fresh random state."""
+    teacher, student = built_pair
+    _reset(student)
+    return teacher, student
+
+
+def _reset(student):
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.requires_grad:
+                p.zero_()
+    torch.manual_seed(0)
+
+
+def _trainable(student):
+    return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def test_distill_trains_only_the_projections_and_the_losses_fall(pair):
+    teacher, student = pair
+    frozen_before = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert frozen_before and all(n.endswith(("proj_l.weight", "proj_l.bias")) for n in _trainable(student))
+    result = distill(teacher, student, SCENES, steps=30, config=CONFIG, progress=False)
+    assert len(result.losses) == 30 and result.step == 30
+    assert result.attention_sites, "the default selects the global-attention sites"
+    assert all(".global_blocks." in p for p in result.attention_sites)
+    # attention distillation has something to learn at init (topk < 1) and learns it
+    assert result.attention_losses[0] > 1e-4
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first, result.losses
+    assert sum(result.attention_losses[-5:]) < sum(result.attention_losses[:5])
+    # nothing but the projections moved, in the student or in the teacher that shares its storage
+    for n, p in student.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert any(p.abs().sum() > 0 for p in _trainable(student).values())
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_losses(tmp_path, pair):
+    teacher, student = pair
+    full = distill(teacher, student, SCENES, steps=30, config=CONFIG, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_12(step, _loss):
+        if step == 12:
+            raise Crash
+
+    _reset(student)  # a new process would start from lite()'s zero projections
+    with pytest.raises(Crash):
+        distill(teacher, student, SCENES, steps=30, config=CONFIG, checkpoint_every=10,
+                checkpoint_dir=tmp_path, on_step=crash_at_12, progress=False)
+    assert ckpt.load(tmp_path)["step"] == 10
+    assert not [p for p in tmp_path.iterdir() if p.name != ckpt.CHECKPOINT_NAME], "temporary files left behind"
+
+    _reset(student)  # a new process would start from lite()'s zero projections
+    resumed = distill(teacher, student, SCENES, steps=30, config=CONFIG, checkpoint_every=10,
+                      checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step == 30
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-7)
+    assert _trainable(student).keys() == ckpt.load(tmp_path)["trainable"].keys()
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_atomic({"step": 1}, tmp_path / "c.pt")
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_atomic({"step": 2}, tmp_path / "c.pt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c.pt", weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_resume_refuses_another_config_and_lists_the_differences(tmp_path, pair):
+    teacher, student = pair
+    distill(teacher, student, SCENES, steps=2, config=CONFIG, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"config lr: 0.005 in the checkpoint, 0.001 now"):
+        distill(teacher, student, SCENES, steps=4, config=CONFIG, lr=1e-3, checkpoint_dir=tmp_path, resume=True, progress=False)
+    torch.manual_seed(0)
+    other = create("vggt-tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other_student = lite(other, backend="eager", config=LiteConfig(sla=SLAConfig(topk=0.25, block_q=16, block_k=16), sla_scopes=("global",)))
+    with pytest.raises(ValueError, match="trainable parameter .*frame_blocks.*in the checkpoint, not in this model"):
+        distill(other, other_student, SCENES, steps=4, config=CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_attention_site_selection(pair):
+    _, student = pair
+    frame = select_attention_sites(student, ("frame",))
+    # per-frame attention: the aggregator's frame blocks and the DINOv2 patch-embed blocks
+    assert {f"aggregator.frame_blocks.{i}.attn" for i in range(4)} <= set(frame)
+    assert not any(".global_blocks." in p for p in frame)
+    assert select_attention_sites(student, ("#0",)) == [select_attention_sites(student, ("all",))[0]]
+    assert select_attention_sites(student, ("aggregator.global_blocks.1.*",)) == ["aggregator.global_blocks.1.attn"]
+    with pytest.raises(ValueError, match="match none"):
+        select_attention_sites(student, ("nothing.*",))
+
+
+def test_schedule_warms_up_then_decays():
+    lrs = [warmup_cosine(s, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= 0.1
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "lite3r_compile.cli", "distill", "--model", "vggt-tiny", "--scenes", "8",
+            "--views", "2", "--image-size", "28", "28", "--no-progress", "--no-autocast", *args]
+
+
+def test_cli_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+    # 12 steps keep this CLI round trip cheap; the 30-step kill-at-10 case runs through the API above
+    common = ["--steps", "12", "--lr", "5e-3", "--warmup-steps", "3", "--checkpoint-every", "2"]
+    subprocess.run(_cli(*common, "--log", str(tmp_path / "full.jsonl")), check=True, capture_output=True)
+    log = tmp_path / "part.jsonl"
+    proc = subprocess.Popen(_cli(*common, "--log", str(log), "--checkpoint-dir", str(tmp_path / "ck")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    stopped_at = ckpt.load(tmp_path / "ck")["step"]
+    assert 4 <= stopped_at < 12
+    done = subprocess.run(_cli(*common, "--log", str(log), "--checkpoint-dir", str(tmp_path / "ck"), "--resume"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full = [json.loads(line)["loss"] for line in (tmp_path / "full.jsonl").read_text().splitlines()]
+    part = [json.loads(line) for line in log.read_text().splitlines()]
+    resumed = {r["step"]: r["loss"] for r in part}
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(1, 13)] == pytest.approx(full, rel=1e-5, abs=1e-7)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, torch.distributed as dist, warnings
+from lite3r_compile import lite, LiteConfig, SLAConfig
+from lite3r_compile.models_zoo import create
+from lite3r_compile.distill.synthetic import SyntheticScenes, SyntheticSceneConfig
+from lite3r_compile.distill.trainer import DistillConfig, distill
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+teacher = create("vggt-tiny")
+warnings.simplefilter("ignore")
+student = lite(teacher, backend="eager", config=LiteConfig(sla=SLAConfig(topk=0.25, block_q=16, block_k=16)))
+scenes = SyntheticScenes(8, SyntheticSceneConfig(num_views=2, height=28, width=28, num_objects=3))
+result = distill(teacher, student, scenes, steps=6, config=DistillConfig(lr=5e-3, num_views=2, autocast=False),
+                 checkpoint_dir=sys.argv[1], progress=False)
+torch.save({n: p.detach() for n, p in student.named_parameters() if p.requires_grad}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+torch.save(result.losses, f"{sys.argv[1]}/losses{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_gloo_end_with_identical_projections(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(v.abs().sum() > 0 for v in r0.values())
+    # the ranks saw different scenes
+    assert torch.load(tmp_path / "losses0.pt") != torch.load(tmp_path / "losses1.pt")
+    assert ckpt.load(tmp_path)["step"] == 6
