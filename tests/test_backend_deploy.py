@@ -77,7 +77,9 @@ class Frames(nn.Module):
         return self.head(x).reshape(b, s, p, 3)
 
     def example_inputs(self):
-        return (torch.randn(1, 2, TOKENS, DIM, generator=torch.Generator().manual_seed(0)),)
+        weight = self.head.weight  # on the model's device and in its dtype
+        x = torch.randn(1, 2, TOKENS, DIM, generator=torch.Generator().manual_seed(0))
+        return (x.to(weight.device, weight.dtype),)
 
 
 def make_teacher(seed: int = 0, frame_block: bool = True) -> Frames:

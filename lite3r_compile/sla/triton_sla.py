@@ -100,7 +100,9 @@ def attention_forward(
         o_l = torch.empty(B, H, Nq, D, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     else:
-        o_l = lse = torch.empty(0, device=q.device, dtype=torch.float32)
+        # two distinct tensors: a custom op's outputs may not alias each other
+        o_l = torch.empty(0, device=q.device, dtype=torch.float32)
+        lse = torch.empty(0, device=q.device, dtype=torch.float32)
     Mq = block_map.block_class.shape[2]
     _sla_fwd_kernel[(Mq, B * H)](
         q, k, v, block_map.critical_lut, block_map.critical_count, states,
