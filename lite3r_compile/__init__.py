@@ -23,8 +23,9 @@ _EXPORTS: dict[str, str] = {
     "SparseLinearAttention": "lite3r_compile.sla.module",
     "find_attention": "lite3r_compile.passes.attention",
     "AttentionSite": "lite3r_compile.passes.attention",
-    "report": "lite3r_compile.report",
-    "distill": "lite3r_compile.distill.trainer",
+    "report": "lite3r_compile.reporting",
+    # the subpackage, which is callable: lite3r_compile.distill(teacher, student, data, steps=...)
+    "distill": "lite3r_compile.distill",
     "DistillResult": "lite3r_compile.distill.trainer",
 }
 
@@ -35,7 +36,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lite3r_compile' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    value = imported if module == f"{__name__}.{name}" else getattr(imported, name)
     globals()[name] = value
     return value
 
@@ -47,8 +49,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lite3r_compile.api import lite
     from lite3r_compile.config import FP8Config, LiteConfig
-    from lite3r_compile.distill.trainer import DistillResult, distill
+    from lite3r_compile import distill
+    from lite3r_compile.distill.trainer import DistillResult
     from lite3r_compile.passes.attention import AttentionSite, find_attention
-    from lite3r_compile.report import report
+    from lite3r_compile.reporting import report
     from lite3r_compile.sla.config import SLAConfig
     from lite3r_compile.sla.module import SparseLinearAttention

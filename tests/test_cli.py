@@ -92,7 +92,7 @@ def test_demo_claims_on_vggt_tiny():
     from lite3r_compile.api import lite_variants
     from lite3r_compile.commands.demo import call, differences
     from lite3r_compile.config import FP8Config, LiteConfig
-    from lite3r_compile.report import report
+    from lite3r_compile.reporting import report
     from lite3r_compile.sla.config import SLAConfig
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from lite3r_compile.api import (
 from lite3r_compile.capture import CaptureError
 from lite3r_compile.config import FP8Config, LiteConfig
 from lite3r_compile.passes.fp8_qat import FP8FakeQuantLinear
-from lite3r_compile.report import report
+from lite3r_compile.reporting import report
 from lite3r_compile.sla.config import SLAConfig
 from lite3r_compile.sla.module import SparseLinearAttention
 

@@ -75,3 +75,29 @@ def test_lite3r_backend_is_registered_through_the_entry_point():
     code = "import torch._dynamo; print('lite3r' in torch._dynamo.list_backends())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(
+    "first",
+    ["import lite3r_compile", "import lite3r_compile.distill.metrics", "from lite3r_compile.distill import trainer"],
+)
+def test_distill_is_the_trainer_and_the_package_whatever_is_imported_first(first):
+    # also: a public function never shares its name with a submodule that an import could
+    # put in its place (lite3r_compile.report once did)
+    code = (
+        f"{first}\n"
+        "import lite3r_compile, lite3r_compile.distill.metrics, inspect\n"
+        "from lite3r_compile.distill.trainer import distill\n"
+        "assert callable(lite3r_compile.distill)\n"
+        "import lite3r_compile.reporting, lite3r_compile.api\n"
+        "assert inspect.isfunction(lite3r_compile.report) and inspect.isfunction(lite3r_compile.lite)\n"
+        "assert inspect.isfunction(lite3r_compile.find_attention)\n"
+        "assert lite3r_compile.distill.metrics.depth_abs_rel\n"
+        "try:\n"
+        "    lite3r_compile.distill(None, None, None, steps=0)\n"
+        "except ValueError as e:\n"
+        "    assert 'steps must be >= 1' in str(e), e\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr

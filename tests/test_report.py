@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lite3r_compile.report import FailureRow, LayerRow, LiteReport, SiteRow, report
+from lite3r_compile.reporting import FailureRow, LayerRow, LiteReport, SiteRow, report
 
 
 def _report(**overrides):

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from lite3r_compile.capture import CaptureError
     from lite3r_compile.commands.inspect_model import build_model, lite_config, make_console
     from lite3r_compile.config import FP8Config, LiteConfig
-    from lite3r_compile.report import report
+    from lite3r_compile.reporting import report
     from lite3r_compile.sla.config import SLAConfig
 
     console = make_console()

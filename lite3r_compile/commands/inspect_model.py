@@ -129,7 +129,7 @@ def plan(model, config, inputs):
     from lite3r_compile.config import matches_any
     from lite3r_compile.passes.attention import locate_attention
     from lite3r_compile.passes.fp8_qat import plan_fp8
-    from lite3r_compile.report import LiteReport, failure_rows, layer_rows, site_rows
+    from lite3r_compile.reporting import LiteReport, failure_rows, layer_rows, site_rows
 
     analysis = locate_attention(model, inputs)
     sites = analysis.sites

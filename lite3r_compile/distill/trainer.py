@@ -102,7 +102,7 @@ class DistillResult:
 
 def rewritten_sites(student: nn.Module) -> list[tuple[str, str]]:
     """(path, scope) of every attention site of ``student`` that runs Sparse Linear Attention."""
-    from lite3r_compile.report import report
+    from lite3r_compile.reporting import report
 
     return [(s.path, s.scope) for s in report(student).sites if s.sla]
 
