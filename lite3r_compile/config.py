@@ -29,6 +29,16 @@ def matches_any(path: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatchcase(path, g) for g in globs)
 
 
+def ancestor_named(path: str, globs: tuple[str, ...]) -> str | None:
+    """The shortest prefix of ``path`` whose last component matches ``globs``
+    (``ancestor_named("a.camera_head.fc", HEAD_NAME_GLOBS) == "a.camera_head"``), or None."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if matches_any(part, globs):
+            return ".".join(parts[: i + 1])
+    return None
+
+
 def _as_globs(owner: object, name: str) -> None:
     """Accept a list or a single string where a tuple of globs is expected (frozen dataclass)."""
     value = getattr(owner, name)

@@ -9,12 +9,11 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
+from lite3r_compile import LiteConfig, SLAConfig, lite
 from lite3r_compile.distill import checkpoint as ckpt
 from lite3r_compile.distill.synthetic import SyntheticScenes, SyntheticSceneConfig
 from lite3r_compile.distill.trainer import DistillConfig, distill, select_attention_sites, warmup_cosine

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lite3r_compile.backends.fp8_linear import float8_linear, quantize_to_e4m3
 from lite3r_compile.backends.graph_attention import module_path
-from lite3r_compile.config import HEAD_NAME_GLOBS, PATCH_EMBED_NAME_GLOBS, FP8Config, matches_any
+from lite3r_compile.config import HEAD_NAME_GLOBS, PATCH_EMBED_NAME_GLOBS, FP8Config, ancestor_named, matches_any
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 
@@ -51,14 +51,6 @@ class GraphLinear:
     out_features: int | None
     quantized: bool
     reason: str
-
-
-def _ancestor_named(path: str, globs: tuple[str, ...]) -> str | None:
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if matches_any(part, globs):
-            return ".".join(parts[: i + 1])
-    return None
 
 
 def _parameter(node: object, gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> Tensor | None:
@@ -143,9 +135,9 @@ def _decide(path: str, weight: Tensor, config: FP8Config, blocks: list[str]) -> 
         return False, f"in/out features {in_features}/{out_features} not multiples of {n}"
     if matches_any(path, config.include):
         return True, "FP8Config.include"
-    if config.skip_patch_embed and _ancestor_named(path, PATCH_EMBED_NAME_GLOBS) is not None:
+    if config.skip_patch_embed and ancestor_named(path, PATCH_EMBED_NAME_GLOBS) is not None:
         return False, "under a patch embedding (FP8Config.skip_patch_embed)"
-    if config.skip_heads and _ancestor_named(path, HEAD_NAME_GLOBS) is not None:
+    if config.skip_heads and ancestor_named(path, HEAD_NAME_GLOBS) is not None:
         return False, "under a head (FP8Config.skip_heads)"
     if not blocks:
         return True, "no attention in this graph: every Linear outside heads"

@@ -17,7 +17,6 @@ multi-view reconstruction literature (VGGT, DUSt3R evaluations):
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

@@ -29,6 +29,7 @@ from lite3r_compile.config import (
     PATCH_EMBED_NAME_GLOBS,
     FP8Config,
     LiteConfig,
+    ancestor_named,
     matches_any,
 )
 from lite3r_compile.passes.manager import PassResult
@@ -140,15 +141,6 @@ class FP8LayerDecision:
     reason: str
 
 
-def _ancestor_named(path: str, globs: tuple[str, ...]) -> str | None:
-    """The shortest prefix of ``path`` whose last component matches ``globs``."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if matches_any(part, globs):
-            return ".".join(parts[: i + 1])
-    return None
-
-
 def _first_match(path: str, globs: tuple[str, ...]) -> str:
     return next(g for g in globs if matches_any(path, (g,)))
 
@@ -212,12 +204,12 @@ def _decide(
         )
     if matches_any(path, config.include):
         return True, "include", f"FP8Config.include {_first_match(path, config.include)!r}"
-    patch_embed = _ancestor_named(path, PATCH_EMBED_NAME_GLOBS) if config.skip_patch_embed else None
+    patch_embed = ancestor_named(path, PATCH_EMBED_NAME_GLOBS) if config.skip_patch_embed else None
     if patch_embed is not None:
         return False, "patch_embed", (
             f"under patch embedding {patch_embed!r} (FP8Config.skip_patch_embed)"
         )
-    head = _ancestor_named(path, HEAD_NAME_GLOBS) if config.skip_heads else None
+    head = ancestor_named(path, HEAD_NAME_GLOBS) if config.skip_heads else None
     if head is not None:
         return False, "head", f"under head {head!r} (FP8Config.skip_heads)"
     if not blocks:
