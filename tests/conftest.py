@@ -8,6 +8,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, Triton kernels run only through the interpreter. triton.jit reads
+# TRITON_INTERPRET when a kernel is defined, so it must be set before any test imports a kernel
+# module: whichever test an xdist worker runs first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI machines have 2 cores and run pytest-xdist with 2 workers: one intra-op thread per worker
 # avoids oversubscription.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--attention-sites", nargs="+", default=["global"], help="scopes, #index or path globs (default: global)")
     parser.add_argument("--attention-weight", type=float, default=1.0)
+    parser.add_argument("--output-weight", type=float, default=0.1, help="weight of the final-output loss (default 0.1)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--no-autocast", action="store_true", help="train in float32 instead of bf16 autocast")
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun (default ddp)")
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             config=DistillConfig(
                 lr=args.lr, warmup_steps=args.warmup_steps, batch_size=args.batch_size, num_views=args.views,
                 num_workers=args.workers, attention_sites=tuple(args.attention_sites),
-                attention_weight=args.attention_weight, activation_checkpointing=args.activation_checkpointing,
+                attention_weight=args.attention_weight, output_weight=args.output_weight,
+                activation_checkpointing=args.activation_checkpointing,
                 autocast=not args.no_autocast, seed=args.seed, checkpoint_every=args.checkpoint_every,
                 strategy=args.strategy,
             ),

@@ -27,6 +27,9 @@ from torch.utils._pytree import tree_flatten_with_path, keystr
 # Defaults for the zoo's 3D models (upstream output names); any other leaf weighs 1.
 DEFAULT_OUTPUT_WEIGHTS: dict[str, float] = {
     "pose_enc": 1.0,
+    # VGGT's per-iteration poses: the last one is pose_enc, the earlier ones would weigh the
+    # camera four times over
+    "pose_enc_list": 0.0,
     "depth": 1.0,
     "world_points": 1.0,
     "depth_conf": 0.05,
