@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lite3r_compile.models_zoo.da3_layers import Block, Mlp
+from lite3r_compile.models_zoo.da3_layers import Block
+from lite3r_compile.models_zoo.layers import Mlp
 
 POSE_ENCODING_DIM = 9
 

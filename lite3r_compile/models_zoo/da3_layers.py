@@ -1,5 +1,5 @@
-"""Transformer layers of Depth Anything 3: attention with optional qk-norm and 2D RoPE, MLP,
-LayerScale, pre-norm block, patch embedding.
+"""Transformer layers of Depth Anything 3: attention with optional qk-norm and 2D RoPE, pre-norm
+block, patch embedding (the MLP and LayerScale are the zoo's shared ones, in `layers`).
 
 Facts follow upstream `depth_anything_3/model/dinov2/layers/*` and `model/utils/{attention,
 block}.py`; parameter names (`qkv`, `q_norm`, `k_norm`, `proj`, `ls1.gamma`, `mlp.fc1`,
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lite3r_compile.models_zoo.layers import LayerScale, Mlp
 
 
 def patch_positions(batch: int, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
@@ -116,32 +118,6 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         x = x.transpose(1, 2).reshape(batch, tokens, channels)
         return self.proj(x)
-
-
-class LayerScale(nn.Module):
-    """x * gamma, gamma (dim,) initialised to `init_values`."""
-
-    def __init__(self, dim: int, init_values: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """fc2(GELU(fc1(x))): in_features -> hidden_features -> out_features (default in_features)."""
-
-    def __init__(
-        self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True
-    ) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
