@@ -160,8 +160,8 @@ def test_wrong_head_dim_names_the_module():
 
 
 def test_extra_repr_shows_the_config():
-    text = repr(SparseLinearAttention(64, SLAConfig(topk=0.2, negligible=0.1, feature_map="relu")))
-    for part in ("head_dim=64", "topk=0.2", "negligible=0.1", "block_q=64", "block_k=64", "feature_map='relu'"):
+    text = repr(SparseLinearAttention(64, SLAConfig(topk=0.2, negligible=0.1, block_q=32, feature_map="relu")))
+    for part in ("head_dim=64", "topk=0.2", "negligible=0.1", "block_q=32", "block_k=64", "feature_map='relu'"):
         assert part in text
 
 

@@ -279,3 +279,47 @@ def test_cuda_op_matches_reference(dtype, feature_map):
     for got, want in zip(grads, expected_grads):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.float().cpu() / scale, want / scale, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("n_keys, topk, block_k, expected", [
+    (8, 0.1, 64, True),      # one key block, which is critical
+    (64, 0.1, 64, True),
+    (65, 0.1, 64, False),    # two blocks, one critical
+    (65, 0.5, 64, False),    # ceil(0.5 * 2) = 1 of 2
+    (65, 0.6, 64, True),     # ceil(0.6 * 2) = 2 of 2
+    (1000, 1.0, 64, True),
+    (1000, 0.99, 64, True),  # ceil(0.99 * 16) = 16 of 16
+    (1000, 0.9, 64, False),  # 15 of 16
+    (0, 1.0, 64, False),
+])
+def test_every_block_critical(n_keys, topk, block_k, expected):
+    assert op.every_block_critical(n_keys, SLAConfig(topk=topk, block_k=block_k)) is expected
+
+
+@pytest.mark.parametrize("dtype, q_len, k_len", [(torch.float32, 9, 9), (torch.float32, 30, 50),
+                                                 (torch.float64, 7, 12), (torch.bfloat16, 20, 33)])
+def test_dense_path_equals_the_op_where_every_block_is_critical(dtype, q_len, k_len):
+    # The CUDA shortcut (SDPA + bias), run here on the CPU, against the op (the reference) at
+    # topk=1.0 with a random non-zero projection: same output, same gradients, and a zero (not
+    # missing) gradient for the projection weight.
+    config = SLAConfig(topk=1.0, block_q=16, block_k=16)
+    tensors = _inputs(2, 3, q_len, k_len, 32, dtype=dtype, requires_grad=True, seed=q_len)
+    scale = 0.3
+    got = op.dense_attention(*tensors, scale)
+    want, _, _, _ = reference.sla_forward(*tensors, scale, config)
+    assert got.dtype == dtype
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, tensors, grad)
+    want_grads = torch.autograd.grad(want, tensors, grad)
+    assert torch.count_nonzero(got_grads[3]) == 0
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * float(w.abs().max() + 1))
+
+
+def test_cpu_calls_keep_the_reference_where_every_block_is_critical(monkeypatch):
+    # Off CUDA the op (the specification) runs even at topk=1.0: the shortcut is never taken.
+    monkeypatch.setattr(op, "dense_attention", lambda *a: pytest.fail("dense shortcut taken on CPU"))
+    tensors = _inputs(1, 2, 10, 10, 32)
+    sla_attention(*tensors, None, SLAConfig(topk=1.0))

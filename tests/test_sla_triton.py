@@ -31,11 +31,12 @@ from lite3r_compile.sla import reference, triton_sla  # noqa: E402
 from lite3r_compile.sla.config import SLAConfig  # noqa: E402
 from lite3r_compile.sla.triton_blockmap import (  # noqa: E402
     CRITICAL,
-    block_map_from_classes,
+    MARGINAL,
+    block_scores,
+    block_tables,
     build_block_map,
-    transposed_critical_lut,
 )
-from lite3r_compile.sla.triton_linear import key_block_states  # noqa: E402
+from lite3r_compile.sla.triton_linear import block_statistics, marginal_sum  # noqa: E402
 
 interpreter = pytest.mark.skipif(_HAS_CUDA, reason="interpreter tests run where there is no GPU")
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
@@ -90,6 +91,14 @@ def _check(q, k, v, w, b, grad, scale, config, tol_out, tol_grad):
         (torch.float32, (1, 1, 20, 128), (1, 1, 36, 128), (16, 16), 0.34, 0.33, "elu", 1e-5),
         (torch.float16, (2, 1, 40, 32), (2, 1, 33, 32), (16, 16), 0.25, 0.25, "elu", 1e-2),
         (torch.float16, (1, 2, 64, 64), (1, 2, 40, 64), (16, 16), 0.34, 0.0, "softmax", 1e-2),
+        # the default 128 x 64 blocks, ragged on both sides
+        (torch.float32, (1, 1, 200, 32), (1, 1, 150, 32), (128, 64), 0.5, 0.0, "softmax", 1e-5),
+        (torch.float16, (1, 1, 130, 64), (1, 1, 260, 64), (128, 64), 0.4, 0.2, "relu", 1e-2),
+        # a single key block, shorter than one block; both sides shorter than one block
+        (torch.float32, (1, 2, 40, 16), (1, 2, 11, 16), (16, 16), 0.1, 0.0, "elu", 1e-5),
+        (torch.float16, (2, 1, 5, 32), (2, 1, 7, 32), (16, 32), 0.2, 0.0, "softmax", 1e-2),
+        # every block critical: no linear branch, dense attention plus the projection's bias
+        (torch.float16, (1, 1, 45, 128), (1, 1, 50, 128), (16, 16), 1.0, 0.0, "softmax", 1e-2),
     ],
 )
 def test_interpreted_forward_backward_match_reference(dtype, shape_q, shape_k, blocks, topk,
@@ -142,21 +151,65 @@ def test_interpreted_block_map_ties_and_lookup_tables(case):
         k = k[:, :, :16].repeat(1, 1, 7, 1)[:, :, :100]  # equal key blocks, equal scores
     config = SLAConfig(topk=0.3, negligible=0.3, block_q=16, block_k=16)
     expected = reference.classify_blocks(q, k, config)
-    k_sums = key_block_states(k, k, config, torch.float32)[1]
-    block_map = build_block_map(q, k_sums, k.shape[2], config, torch.float32)
+    _, k_sums, q_means = block_statistics(q, k, k, config, torch.float32)
+    block_map = build_block_map(q_means, k_sums, k.shape[2], config, torch.float32)
     assert torch.equal(block_map.block_class, expected)
-    assert torch.equal(block_map.marginal, (expected == 1).float())
+    assert torch.equal(block_map.marginal, (expected == MARGINAL).float())
+    n_critical = config.num_critical(expected.shape[3])
+    assert torch.equal(block_map.critical_count, torch.full((1, 2, 3), n_critical, dtype=torch.int32))
     critical = expected == CRITICAL
-    rebuilt = block_map_from_classes(expected, torch.float32)
-    t_lut, t_count = transposed_critical_lut(expected)
+    by_query, by_key = block_tables(expected, torch.float32, torch.float32)
+    assert torch.equal(by_query.marginal, (expected == MARGINAL).float())
+    assert torch.equal(by_key.marginal, (expected == MARGINAL).float().transpose(-1, -2))
     for h in range(2):
         for i in range(expected.shape[2]):
             want = torch.nonzero(critical[0, h, i]).flatten().tolist()
             assert block_map.critical_lut[0, h, i].tolist() == want
-            assert rebuilt.critical_lut[0, h, i, : rebuilt.critical_count[0, h, i]].tolist() == want
+            assert by_query.critical_lut[0, h, i, : by_query.critical_count[0, h, i]].tolist() == want
         for j in range(expected.shape[3]):
             want = torch.nonzero(critical[0, h, :, j]).flatten().tolist()
-            assert t_lut[0, h, j, : t_count[0, h, j]].tolist() == want
+            assert by_key.critical_lut[0, h, j, : by_key.critical_count[0, h, j]].tolist() == want
+
+
+@interpreter
+@pytest.mark.parametrize("n_q, n_k, blocks, d", [(70, 45, (16, 16), 32), (16, 100, (16, 32), 16),
+                                                 (9, 5, (16, 16), 64), (130, 33, (32, 16), 128)])
+def test_interpreted_block_statistics_and_scores_match_reference(n_q, n_k, blocks, d):
+    # The one pass over the blocks (states, k sums, q means) and the score kernel, piece by
+    # piece against the reference's definitions: ragged blocks, one key block, N below a block.
+    gen = torch.Generator().manual_seed(n_q + n_k)
+    q, k, v = (torch.randn(2, 1, n, d, generator=gen) for n in (n_q, n_k, n_k))
+    config = SLAConfig(topk=0.5, block_q=blocks[0], block_k=blocks[1], feature_map="elu")
+    states, k_sums, q_means = block_statistics(q, k, v, config, torch.float32)
+    k_blocks = reference._to_blocks(k, config.block_k)
+    torch.testing.assert_close(k_sums, k_blocks.sum(dim=3))
+    torch.testing.assert_close(q_means, reference._block_means(q, config.block_q))
+    phi_k = reference._to_blocks(reference.feature_map(k, "elu"), config.block_k)
+    v_blocks = reference._to_blocks(v, config.block_k)
+    want_states = torch.cat([(phi_k.transpose(-1, -2) @ v_blocks).flatten(3), phi_k.sum(dim=3)], -1)
+    torch.testing.assert_close(states, want_states)
+    assert block_statistics(None, k, v, config, torch.float32)[2] is None
+    torch.testing.assert_close(block_scores(q_means, k_sums, n_k, config),
+                               reference.block_scores(q, k, config), rtol=1e-5, atol=1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_marginal_sum_rounds_once(out_dtype):
+    # H_i = sum over marginal j of h_j: float32 accumulation, one rounding to out_dtype.
+    gen = torch.Generator().manual_seed(8)
+    block_class = torch.randint(0, 3, (1, 2, 20, 37), generator=gen, dtype=torch.int8)
+    states = torch.randn(1, 2, 37, 40, generator=gen)
+    by_query, by_key = block_tables(block_class, torch.float32, torch.float32)
+    got = marginal_sum(by_query.marginal, states, dot=0, out_dtype=out_dtype)
+    want = (block_class == MARGINAL).double() @ states.double()
+    assert got.dtype == out_dtype
+    # float32 sums: float32 rounding; bfloat16: one bfloat16 ulp of the exact sum (a GPU rounds
+    # to nearest, Triton 3.6's interpreter truncates).
+    rtol = 1e-5 if out_dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5)
+    back = marginal_sum(by_key.marginal, torch.randn(1, 2, 20, 40, generator=gen), dot=0)
+    assert back.shape == (1, 2, 37, 40)
 
 
 def test_rejects_unsupported_inputs():
@@ -225,3 +278,38 @@ def test_gpu_op_autograd_matches_cpu_reference():
         results.append([out.detach().cpu()] + [t.grad.cpu() for t in leaves])
     for got, ref in zip(results[1], results[0]):
         assert _rel(got, ref) < 1e-4
+
+
+def _kernel_functions(module):
+    for value in vars(module).values():
+        fn = value
+        while hasattr(fn, "fn"):  # Autotuner -> JITFunction / InterpretedFunction -> function
+            fn = fn.fn
+        if fn is not value and callable(fn) and hasattr(fn, "__code__"):
+            yield value, fn
+
+
+def _global_names(code):
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return names
+
+
+@pytest.mark.parametrize("module_name", ["triton_linear", "triton_blockmap", "triton_attention"])
+def test_kernels_read_only_constexpr_globals(module_name):
+    # A compiled @triton.jit function may read a module global only if it is a tl.constexpr (a
+    # plain int is a NameError at compile time), but the interpreter the CPU tests use reads any:
+    # without this check such a kernel passes CI and fails on the first GPU run.
+    import triton.language as tl
+
+    module = importlib.import_module(f"lite3r_compile.sla.{module_name}")
+    kernels = list(_kernel_functions(module))
+    assert kernels, f"no Triton kernel found in {module_name}"
+    for _, fn in kernels:
+        for name in _global_names(fn.__code__):
+            value = fn.__globals__.get(name)
+            if isinstance(value, (bool, int, float)) and not isinstance(value, tl.constexpr):
+                pytest.fail(f"{module_name}.{fn.__name__} reads the global {name} = {value!r}, "
+                            f"which is not a tl.constexpr")

@@ -26,6 +26,7 @@ classes held fixed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lite3r_compile.sla import reference
 from lite3r_compile.sla.config import SLAConfig
@@ -192,8 +193,20 @@ def sla_attention(
 ) -> torch.Tensor:
     """Sparse Linear Attention of q (B, H, Nq, D) over k, v (B, H, Nk, D) -> (B, H, Nq, D) in q's
     dtype, through the ``lite3r::sla_forward`` op. ``proj_weight`` (D, D) and ``proj_bias`` (D,)
-    project the linear branch (float32); ``scale=None`` means D**-0.5."""
+    project the linear branch (float32); ``scale=None`` means D**-0.5.
+
+    On CUDA, where every key block is critical (:func:`every_block_critical`: ``topk=1.0``, or a
+    sequence of a block or two such as VGGT's camera trunk over S tokens), there is no linear
+    branch and SLA is exact softmax attention plus ``proj_bias``: that case runs
+    ``F.scaled_dot_product_attention``, faster there and with no Triton kernel to compile for a
+    shape seen once (VGGT-1B's float32 camera trunk spent minutes compiling and autotuning kernels
+    in its first training step without this). On other devices the op runs the reference, the
+    specification, bit for bit. Under ``torch.compile`` / ``torch.export`` the op always runs
+    (the same values), so traced graphs do not depend on the sequence's block count.
+    """
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
+    if q.is_cuda and not torch.compiler.is_compiling() and every_block_critical(k.shape[2], config):
+        return dense_attention(q, k, v, proj_weight, proj_bias, scale)
     save_for_backward = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, proj_weight, proj_bias)
     )
@@ -203,3 +216,22 @@ def sla_attention(
         save_for_backward,
     )
     return o
+
+
+def every_block_critical(n_keys: int, config: SLAConfig) -> bool:
+    """Whether all ceil(n_keys / block_k) key blocks of a query block are critical (so SLA has no
+    linear branch and no negligible block); False for no keys."""
+    n_kblocks = -(-n_keys // config.block_k)
+    return n_kblocks > 0 and config.num_critical(n_kblocks) == n_kblocks
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                    proj_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """SLA where every key block is critical: softmax(scale q k^T) v + proj_l(o_l) with o_l = 0,
+    i.e. SDPA's output (in q's dtype) + ``proj_bias``, added in float32 and rounded to q's dtype."""
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # d(out)/d(proj_weight) = g^T o_l = 0: keeping the weight in the graph (times zero) gives it
+    # the zero gradient the op gives, not None, so optimizers and DDP see every projection.
+    bias = proj_bias + 0.0 * proj_weight.sum(dim=1)
+    acc = torch.promote_types(torch.promote_types(q.dtype, bias.dtype), torch.float32)
+    return (o.to(acc) + bias.to(acc)).to(q.dtype)

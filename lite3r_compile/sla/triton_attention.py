@@ -13,6 +13,7 @@ Backward, with g = dL/do and delta = rowsum(g * o_s) (accumulated in the dq kern
 
     p = exp(s - lse),  dp = g v^T,  ds = p (dp - delta)
     dq = scale ds k (+ linear),   dk = scale ds^T q (+ linear),   dv = p^T g (+ linear)
+    dW = sum over query blocks of g^T o_l,   db = sum of g          (partials from the dq kernel)
 
 Rows past Nq or Nk are masked: padded keys get -inf scores, padded queries are never stored and
 carry zero gradient, and neither enters a linear-branch state.
@@ -107,7 +108,7 @@ def _sla_fwd_kernel(
 @tuned(_ATTENTION_CONFIGS[:3], ["D", "BLOCK_M", "BLOCK_N", "DOT"])
 @triton.jit
 def _sla_bwd_dq_kernel(
-    Q, K, V, DO, OL, LSE, LUT, COUNT, HZ, W, DQ, DHZ, DELTA,
+    Q, K, V, DO, OL, LSE, LUT, COUNT, HZ, W, DQ, DHZ, DWB, DELTA,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -182,6 +183,12 @@ def _sla_bwd_dq_kernel(
     dhz = DHZ + slot * (D * D + D)
     tl.store(dhz + offs_d[:, None] * D + offs_d[None, :], mma(tl.trans(phi), d_num, LIN_DOT))
     tl.store(dhz + D * D + offs_d, tl.sum(phi * d_den[:, None], axis=0))
+
+    # This query block's share of the projection's gradients: dW = g^T o_l, db = sum of g
+    # (padded rows of g and o_l are zeros); the caller sums the shares.
+    dwb = DWB + slot * (D * D + D)
+    tl.store(dwb + offs_d[:, None] * D + offs_d[None, :], mma(tl.trans(do), o_l, LIN_DOT))
+    tl.store(dwb + D * D + offs_d, tl.sum(do.to(tl.float32), axis=0))
 
 
 @tuned(_ATTENTION_CONFIGS[:3], ["D", "BLOCK_M", "BLOCK_N", "DOT"])

@@ -3,14 +3,20 @@ tables the attention kernels iterate over.
 
 For q (B, H, Nq, D) and k (B, H, Nk, D), with Mq = ceil(Nq / block_q) and Mk = ceil(Nk / block_k):
 
-    pooled_q[m] = mean of q over the valid rows of query block m               (B, H, Mq, D)
+    pooled_q[i] = mean of q over the real rows of query block i                (B, H, Mq, D)
     pooled_k[j] = mean of (k - mean over all keys of k) over key block j       (B, H, Mk, D)
+                = k_sum[j] / rows(j) - (sum over j' of k_sum[j']) / Nk
     scores      = pooled_q @ pooled_k^T                                        (B, H, Mq, Mk)
 
 Per query block, the ``config.num_critical(Mk)`` highest-scoring key blocks are critical (class 2),
 the ``config.num_negligible(Mk)`` lowest-scoring are negligible (class 0), the rest marginal (1);
 ties go to the lower key-block index, as in ``lite3r_compile.sla.reference``.
-Only the pooled tensors and the (Mq, Mk) scores are materialised, never an N x N tensor.
+
+The q means and k sums come from the pass that builds the linear-branch states
+(``triton_linear.block_statistics``); from them the forward's block map is two launches: a tiled
+score kernel and a per-row classification kernel that writes every table the forward needs. The
+backward, given ``block_class``, rebuilds its tables (rows and columns) in one launch. No host
+synchronisation, no N x N tensor.
 """
 
 from __future__ import annotations
@@ -22,44 +28,52 @@ import triton
 import triton.language as tl
 
 from lite3r_compile.sla.config import SLAConfig
-from lite3r_compile.sla.triton_linear import empty_indicator, marginal_indicator
+from lite3r_compile.sla.triton_linear import empty_indicator
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 2, 1, 0
+# The same classes for the kernels: a compiled @triton.jit function reads only constexpr globals
+# (the interpreter reads any, so only a GPU run catches a plain int here).
+CRITICAL_C: tl.constexpr = tl.constexpr(CRITICAL)
+MARGINAL_C: tl.constexpr = tl.constexpr(MARGINAL)
+NEGLIGIBLE_C: tl.constexpr = tl.constexpr(NEGLIGIBLE)
 
 
 @triton.jit
-def _block_mean_kernel(
-    X, OUT,
-    stride_xb, stride_xh, stride_xn, stride_xd,
-    H, N, n_blocks,
-    BLOCK: tl.constexpr, D: tl.constexpr,
+def _sla_block_scores_kernel(
+    QMEAN, KSUM, SCORES,
+    Nk, Mq, Mk, block_k,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
 ):
-    # One program per (block, batch*head): the mean over the block's valid rows. The last block
-    # of a ragged sequence divides by its own row count, not by BLOCK.
-    pid_blk = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    # SCORES[bh, rows, cols] = pooled_q[rows] @ pooled_k[cols]^T for one (BLOCK_R, BLOCK_C)
+    # tile. The mean of k over all keys is re-derived per program from the (Mk, D) key-block
+    # sums (a few hundred rows, read from L2): cheaper than another launch.
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, D)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                mask=(offs_n < N)[:, None], other=0.0).to(tl.float32)
-    count = tl.minimum(N - pid_blk * BLOCK, BLOCK).to(tl.float32)
-    out = OUT + (pid_bh.to(tl.int64) * n_blocks + pid_blk) * D
-    tl.store(out + offs_d, tl.sum(x, axis=0) / count)
+    k_sums = KSUM + pid_bh * Mk * D
+    total = tl.zeros((D,), dtype=tl.float32)
+    for c0 in range(0, Mk, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        total += tl.sum(tl.load(k_sums + cs[:, None] * D + offs_d[None, :],
+                                mask=(cs < Mk)[:, None], other=0.0), axis=0)
+    k_mean = total / Nk
 
-
-def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of x (B, H, N, D) over each block of ``block`` rows (the last one ragged):
-    float32 (B, H, ceil(N / block), D)."""
-    B, H, N, D = x.shape
-    n_blocks = triton.cdiv(N, block)
-    out = torch.empty(B, H, n_blocks, D, device=x.device, dtype=torch.float32)
-    _block_mean_kernel[(n_blocks, B * H)](
-        x, out, *x.stride(), H, N, n_blocks, BLOCK=block, D=D, num_warps=4,
-    )
-    return out
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < Mk
+    # rows(j) = block_k except for a ragged last key block; invalid columns divide by 1.
+    rows_in_block = tl.where(col_ok, tl.minimum(Nk - cols * block_k, block_k), 1).to(tl.float32)
+    k_block_sum = tl.load(k_sums + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None],
+                          other=0.0)
+    pooled_k = tl.where(col_ok[:, None], k_block_sum / rows_in_block[:, None] - k_mean[None, :],
+                        0.0)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < Mq
+    pooled_q = tl.load(QMEAN + (pid_bh * Mq + rows[:, None]) * D + offs_d[None, :],
+                       mask=row_ok[:, None], other=0.0)
+    scores = tl.dot(pooled_q, tl.trans(pooled_k), input_precision="ieee")
+    tl.store(SCORES + (pid_bh * Mq + rows[:, None]) * Mk + cols[None, :], scores,
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -75,8 +89,8 @@ def _kth_largest(key, valid, k):
 
 
 @triton.jit
-def _classify_kernel(
-    SCORES, CLS, LUT, IND, stride_ind_row, Mk, n_critical, n_negligible,
+def _sla_classify_kernel(
+    SCORES, CLS, LUT, COUNT, IND, stride_ind_row, Mk, n_critical, n_negligible,
     BLOCK: tl.constexpr,
 ):
     # One program per (batch, head, query block) row of scores, reproducing the reference's
@@ -116,38 +130,57 @@ def _classify_kernel(
              (cls == 1).to(tl.float32).to(IND.dtype.element_ty), mask=valid)
     slot = tl.cumsum(critical.to(tl.int32), 0) - 1
     tl.store(LUT + row * n_critical + slot, idx, mask=critical)
+    tl.store(COUNT + row, n_critical)
 
 
 @triton.jit
-def _critical_lut_kernel(
-    CLS, LUT, COUNT,
-    stride_bh, stride_row, stride_col, n_rows, n_cols,
-    BLOCK: tl.constexpr,
+def _sla_tables_kernel(
+    CLS, LUT, COUNT, IND, T_LUT, T_COUNT, T_IND,
+    stride_ind_row, stride_t_ind_row, Mq, Mk,
+    BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
 ):
-    # One program per row of block_class seen through (stride_row, stride_col): rows are query
-    # blocks for the forward table, key blocks for the transposed one. Writes the critical
-    # columns in ascending order and their count; the table is n_cols wide (never overflows).
-    pid = tl.program_id(0).to(tl.int64)
-    bh = pid // n_rows
-    r = pid % n_rows
-    idx = tl.arange(0, BLOCK)
-    valid = idx < n_cols
-    cls = tl.load(CLS + bh * stride_bh + r * stride_row + idx * stride_col, mask=valid, other=0)
-    critical = cls == 2
-    slot = tl.cumsum(critical.to(tl.int32), 0) - 1
-    tl.store(LUT + pid * n_cols + slot, idx, mask=critical)
-    tl.store(COUNT + pid, tl.sum(critical.to(tl.int32)))
+    # The backward's tables from block_class (B, H, Mq, Mk). Program r of one (batch, head)
+    # reads row r (query block r, when r < Mq) and column r (key block r, when r < Mk), and
+    # writes for each the critical indices in ascending order, their count, and the marginal
+    # indicator. Tables are as wide as the row or column, so they never overflow.
+    r = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    cls = CLS + pid_bh * Mq * Mk
+    if r < Mq:
+        slot_row = pid_bh * Mq + r
+        idx = tl.arange(0, BLOCK_ROW)
+        valid = idx < Mk
+        c = tl.load(cls + r * Mk + idx, mask=valid, other=NEGLIGIBLE_C)
+        critical = c == CRITICAL_C
+        slot = tl.cumsum(critical.to(tl.int32), 0) - 1
+        tl.store(LUT + slot_row * Mk + slot, idx, mask=critical)
+        tl.store(COUNT + slot_row, tl.sum(critical.to(tl.int32)))
+        tl.store(IND + slot_row * stride_ind_row + idx,
+                 (c == MARGINAL_C).to(tl.float32).to(IND.dtype.element_ty), mask=valid)
+    if r < Mk:
+        slot_col = pid_bh * Mk + r
+        idx = tl.arange(0, BLOCK_COL)
+        valid = idx < Mq
+        c = tl.load(cls + idx * Mk + r, mask=valid, other=NEGLIGIBLE_C)
+        critical = c == CRITICAL_C
+        slot = tl.cumsum(critical.to(tl.int32), 0) - 1
+        tl.store(T_LUT + slot_col * Mq + slot, idx, mask=critical)
+        tl.store(T_COUNT + slot_col, tl.sum(critical.to(tl.int32)))
+        tl.store(T_IND + slot_col * stride_t_ind_row + idx,
+                 (c == MARGINAL_C).to(tl.float32).to(T_IND.dtype.element_ty), mask=valid)
 
 
 @dataclass(frozen=True)
 class BlockMap:
-    """The block classification of one SLA call and the index table built from it.
+    """The block classification of one SLA call and the index tables built from it, seen from
+    the query blocks (the forward and dq kernels) or from the key blocks (the dk/dv kernel, with
+    rows and columns swapped: (B, H, Mk, Mq)).
 
     block_class:     int8 (B, H, Mq, Mk): 2 critical, 1 marginal, 0 negligible.
-    marginal:        (B, H, Mq, Mk) [block_class == 1] in the linear-branch product's dtype.
-    critical_lut:    int32 (B, H, Mq, C): the critical key blocks of each query block,
-                     ascending; entries past the query block's count are unused.
-    critical_count:  int32 (B, H, Mq): how many critical key blocks each query block has.
+    marginal:        (B, H, rows, cols) [block_class == 1] in the linear-branch product's dtype.
+    critical_lut:    int32 (B, H, rows, C): the critical blocks of each row, ascending; entries
+                     past the row's count are unused.
+    critical_count:  int32 (B, H, rows): how many critical blocks each row has.
     """
 
     block_class: torch.Tensor
@@ -156,60 +189,64 @@ class BlockMap:
     critical_count: torch.Tensor
 
 
-def block_scores(q: torch.Tensor, k_sums: torch.Tensor, n_keys: int,
+def block_scores(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int,
                  config: SLAConfig) -> torch.Tensor:
-    """Pooled block scores, float32 (B, H, Mq, Mk) (see the module docstring), from q and the
-    per-key-block sums of k (``triton_linear.key_block_states`` computes them)."""
-    pooled_q = block_means(q, config.block_q)
+    """Pooled block scores, float32 (B, H, Mq, Mk) (see the module docstring), from the q means
+    per query block (B, H, Mq, D) and the k sums per key block (B, H, Mk, D) of n_keys keys."""
+    B, H, Mq, D = q_means.shape
     Mk = k_sums.shape[2]
-    counts = torch.full((Mk, 1), float(config.block_k), device=q.device)
-    counts[-1] = n_keys - config.block_k * (Mk - 1)
-    k_mean = k_sums.sum(dim=2, keepdim=True) / n_keys
-    return pooled_q @ (k_sums / counts - k_mean).transpose(-1, -2)
+    scores = torch.empty(B, H, Mq, Mk, device=q_means.device, dtype=torch.float32)
+    block_r = min(64, max(16, triton.next_power_of_2(Mq)))
+    block_c = min(64, max(16, triton.next_power_of_2(Mk)))
+    _sla_block_scores_kernel[(triton.cdiv(Mq, block_r), triton.cdiv(Mk, block_c), B * H)](
+        q_means, k_sums, scores, n_keys, Mq, Mk, config.block_k,
+        BLOCK_R=block_r, BLOCK_C=block_c, D=D, num_warps=4,
+    )
+    return scores
 
 
-def build_block_map(q: torch.Tensor, k_sums: torch.Tensor, n_keys: int, config: SLAConfig,
+def build_block_map(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int, config: SLAConfig,
                     marginal_dtype: torch.dtype) -> BlockMap:
-    """Classify every (query block, key block) pair from q and the key-block sums of k (n_keys
-    keys), and build the critical lookup table and the marginal indicator (``marginal_dtype``)."""
-    scores = block_scores(q, k_sums, n_keys, config)
+    """Classify every (query block, key block) pair from the q means per query block and the
+    k sums per key block (n_keys keys), and build the critical lookup table, the counts and the
+    marginal indicator (``marginal_dtype``): two launches."""
+    scores = block_scores(q_means, k_sums, n_keys, config)
     B, H, Mq, Mk = scores.shape
     n_critical = config.num_critical(Mk)
-    block_class = torch.empty(B, H, Mq, Mk, dtype=torch.int8, device=q.device)
-    marginal = empty_indicator(B, H, Mq, Mk, marginal_dtype, q.device)
-    lut = torch.empty(B, H, Mq, n_critical, dtype=torch.int32, device=q.device)
+    device = q_means.device
+    block_class = torch.empty(B, H, Mq, Mk, dtype=torch.int8, device=device)
+    marginal = empty_indicator(B, H, Mq, Mk, marginal_dtype, device)
+    lut = torch.empty(B, H, Mq, n_critical, dtype=torch.int32, device=device)
+    count = torch.empty(B, H, Mq, dtype=torch.int32, device=device)
     # One or two warps: the 64 bitwise-search reductions then need no cross-warp barrier.
-    _classify_kernel[(B * H * Mq,)](
-        scores, block_class, lut, marginal, marginal.stride(2), Mk, n_critical,
+    _sla_classify_kernel[(B * H * Mq,)](
+        scores, block_class, lut, count, marginal, marginal.stride(2), Mk, n_critical,
         config.num_negligible(Mk), BLOCK=max(32, triton.next_power_of_2(Mk)),
         num_warps=1 if Mk <= 1024 else 2,
     )
-    count = torch.full((B, H, Mq), n_critical, dtype=torch.int32, device=q.device)
     return BlockMap(block_class, marginal, lut, count)
 
 
-def block_map_from_classes(block_class: torch.Tensor, marginal_dtype: torch.dtype) -> BlockMap:
-    """Rebuild the lookup table and indicator from a given block_class (the backward's)."""
-    lut, count = _critical_lut(block_class, transpose=False)
-    marginal = marginal_indicator(block_class, transpose=False, dtype=marginal_dtype)
-    return BlockMap(block_class, marginal, lut, count)
-
-
-def transposed_critical_lut(block_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each key block, the query blocks that chose it as critical: (lut int32 (B, H, Mk,
-    Mq) ascending, count int32 (B, H, Mk)); entries past a key block's count are unused."""
-    return _critical_lut(block_class, transpose=True)
-
-
-def _critical_lut(block_class: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def block_tables(block_class: torch.Tensor, marginal_dtype: torch.dtype,
+                 transposed_marginal_dtype: torch.dtype) -> tuple[BlockMap, BlockMap]:
+    """The backward's tables from a given block_class (B, H, Mq, Mk), in one launch: the query
+    blocks' view (critical key blocks per query block, marginal indicator (Mq, Mk) in
+    ``marginal_dtype``) and the key blocks' view (the query blocks that chose each key block,
+    indicator (Mk, Mq) in ``transposed_marginal_dtype``)."""
     B, H, Mq, Mk = block_class.shape
     block_class = block_class.contiguous()
-    rows, cols = (Mk, Mq) if transpose else (Mq, Mk)
-    stride_row, stride_col = (1, Mk) if transpose else (Mk, 1)
-    lut = torch.empty(B, H, rows, cols, dtype=torch.int32, device=block_class.device)
-    count = torch.empty(B, H, rows, dtype=torch.int32, device=block_class.device)
-    _critical_lut_kernel[(B * H * rows,)](
-        block_class, lut, count, Mq * Mk, stride_row, stride_col, rows, cols,
-        BLOCK=max(16, triton.next_power_of_2(cols)), num_warps=4,
+    device = block_class.device
+    lut = torch.empty(B, H, Mq, Mk, dtype=torch.int32, device=device)
+    count = torch.empty(B, H, Mq, dtype=torch.int32, device=device)
+    marginal = empty_indicator(B, H, Mq, Mk, marginal_dtype, device)
+    t_lut = torch.empty(B, H, Mk, Mq, dtype=torch.int32, device=device)
+    t_count = torch.empty(B, H, Mk, dtype=torch.int32, device=device)
+    t_marginal = empty_indicator(B, H, Mk, Mq, transposed_marginal_dtype, device)
+    _sla_tables_kernel[(max(Mq, Mk), B * H)](
+        block_class, lut, count, marginal, t_lut, t_count, t_marginal,
+        marginal.stride(2), t_marginal.stride(2), Mq, Mk,
+        BLOCK_ROW=max(16, triton.next_power_of_2(Mk)),
+        BLOCK_COL=max(16, triton.next_power_of_2(Mq)), num_warps=4,
     )
-    return lut, count
+    return (BlockMap(block_class, marginal, lut, count),
+            BlockMap(block_class, t_marginal, t_lut, t_count))

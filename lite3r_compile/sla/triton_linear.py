@@ -9,7 +9,9 @@ With phi the feature map (applied per row, over the head dimension, in float32):
 
 h_j and z_j are stored side by side as one row of E = D*D + D numbers, so H_i and Z_i come out of
 one batched matrix product: (marginal indicator (Mq, Mk)) @ (states (Mk, E)). The backward pass
-uses the same product transposed to send dH_i, dZ_i back to the key blocks.
+uses the same product transposed to send dH_i, dZ_i back to the key blocks. The pass that builds
+the states also pools k per key block and q per query block for the block map
+(triton_blockmap.py), so k, v and q are each read once before the attention kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ FEATURE_MAP_CODES = {"softmax": 0, "elu": 1, "relu": 2}
 # with float32 accumulation.
 DOT_F32, DOT_F16, DOT_BF16, DOT_TF32 = 0, 1, 2, 3
 DOT_CODES = {torch.float32: DOT_F32, torch.float16: DOT_F16, torch.bfloat16: DOT_BF16}
-MARGINAL = 1
 # Set when the kernels were decorated under TRITON_INTERPRET=1 (CPU tests).
 INTERPRETING: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
@@ -97,52 +98,84 @@ def feature_map_grad(x, phi, dphi, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
-def _key_block_state_kernel(
-    K, V, HZ, KSUM,
+def _sla_block_stats_kernel(
+    Q, K, V, HZ, KSUM, QMEAN,
+    stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    H, Nk, Mk,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT: tl.constexpr,
+    H, Nq, Nk, Mq, Mk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, DOT: tl.constexpr, POOL_Q: tl.constexpr,
 ):
-    pid_j = tl.program_id(0)
+    # Program j of one (batch, head) summarises key block j (when j < Mk) and, with POOL_Q,
+    # query block j (when j < Mq): one launch reads k, v and q once each.
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    valid = (offs_n < Nk)[:, None]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=valid, other=0.0).to(tl.float32)
-    # The key-block sums for the block scores, while the tile is here.
-    tl.store(KSUM + (pid_bh.to(tl.int64) * Mk + pid_j) * D + offs_d, tl.sum(k, axis=0))
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=valid, other=0.0)
-    # Padded rows must not enter the state: phi(0) is not 0 for softmax or elu + 1.
-    phi = tl.where(valid, feature_map(k, FEATURE_MAP), 0.0)
-    state = mma(tl.trans(phi), v, DOT)
-    out = HZ + (pid_bh.to(tl.int64) * Mk + pid_j) * (D * D + D)
-    tl.store(out + offs_d[:, None] * D + offs_d[None, :], state.to(HZ.dtype.element_ty))
-    tl.store(out + D * D + offs_d, tl.sum(phi, axis=0).to(HZ.dtype.element_ty))
+    if pid < Mk:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = (offs_n < Nk)[:, None]
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+                    + offs_d[None, :] * stride_kd, mask=valid, other=0.0).to(tl.float32)
+        # The key-block sums the block scores are pooled from, while the tile is here.
+        tl.store(KSUM + (pid_bh.to(tl.int64) * Mk + pid) * D + offs_d, tl.sum(k, axis=0))
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                    + offs_d[None, :] * stride_vd, mask=valid, other=0.0)
+        # Padded rows must not enter the state: phi(0) is not 0 for softmax or elu + 1.
+        phi = tl.where(valid, feature_map(k, FEATURE_MAP), 0.0)
+        state = mma(tl.trans(phi), v, DOT)
+        out = HZ + (pid_bh.to(tl.int64) * Mk + pid) * (D * D + D)
+        tl.store(out + offs_d[:, None] * D + offs_d[None, :], state.to(HZ.dtype.element_ty))
+        tl.store(out + D * D + offs_d, tl.sum(phi, axis=0).to(HZ.dtype.element_ty))
+    if POOL_Q:
+        if pid < Mq:
+            # The mean of q over the query block's real rows: the last block of a ragged
+            # sequence divides by its own row count, not by BLOCK_M.
+            offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            x = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                        + offs_d[None, :] * stride_qd, mask=(offs_m < Nq)[:, None],
+                        other=0.0).to(tl.float32)
+            count = tl.minimum(Nq - pid * BLOCK_M, BLOCK_M).to(tl.float32)
+            tl.store(QMEAN + (pid_bh.to(tl.int64) * Mq + pid) * D + offs_d,
+                     tl.sum(x, axis=0) / count)
 
 
-def key_block_states(k: torch.Tensor, v: torch.Tensor, config: SLAConfig,
-                     state_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """[h_j | z_j] for every key block, (B, H, Mk, D*D + D) in ``state_dtype``, and the sums of
-    k over each key block, float32 (B, H, Mk, D), which the block scores use."""
+def block_statistics(
+    q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, config: SLAConfig,
+    state_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One pass over the blocks of q (B, H, Nq, D), k and v (B, H, Nk, D).
+
+    Returns ``(states, k_sums, q_means)``: [h_j | z_j] for every key block, (B, H, Mk, D*D + D)
+    in ``state_dtype``; the sum of k over each key block, float32 (B, H, Mk, D); the mean of q
+    over each query block, float32 (B, H, Mq, D), or None when ``q`` is None (the backward,
+    which takes the block classes from the forward, needs only the states).
+    """
     B, H, Nk, D = k.shape
     Mk = triton.cdiv(Nk, config.block_k)
     states = torch.empty(B, H, Mk, D * D + D, device=k.device, dtype=state_dtype)
     k_sums = torch.empty(B, H, Mk, D, device=k.device, dtype=torch.float32)
-    _key_block_state_kernel[(Mk, B * H)](
-        k, v, states, k_sums, *k.stride(), *v.stride(), H, Nk, Mk,
-        BLOCK_N=config.block_k, D=D, FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map],
-        DOT=DOT_CODES[k.dtype], num_warps=4 if D <= 64 else 8,
+    if q is None:
+        Nq, Mq, q_means, q_arg, q_strides = 0, 0, None, k, (0, 0, 0, 0)
+    else:
+        Nq = q.shape[2]
+        Mq = triton.cdiv(Nq, config.block_q)
+        q_means = torch.empty(B, H, Mq, D, device=q.device, dtype=torch.float32)
+        q_arg, q_strides = q, q.stride()
+    _sla_block_stats_kernel[(max(Mq, Mk), B * H)](
+        q_arg, k, v, states, k_sums, k_sums if q_means is None else q_means,
+        *q_strides, *k.stride(), *v.stride(), H, Nq, Nk, Mq, Mk,
+        BLOCK_M=config.block_q, BLOCK_N=config.block_k, D=D,
+        FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map], DOT=DOT_CODES[k.dtype],
+        POOL_Q=q is not None, num_warps=4 if D <= 64 else 8,
     )
-    return states, k_sums
+    return states, k_sums, q_means
 
 
 @tuned([triton.Config({"BLOCK_E": e}, num_warps=w, num_stages=st)
-        for e, w, st in ((128, 8, 3), (256, 8, 3), (128, 4, 4), (256, 8, 4))],
+        for e, w, st in ((128, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 4), (256, 8, 4))],
        key=["R", "C", "E", "BLOCK_R", "BLOCK_C", "DOT"])
 @triton.jit
 def _marginal_sum_kernel(
@@ -151,9 +184,12 @@ def _marginal_sum_kernel(
     R, C, E,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, DOT: tl.constexpr,
 ):
-    # OUT[bh] = IND[bh] @ X[bh]: (R, C) 0/1 indicator times (C, E) states. Row tiles vary
-    # fastest in the grid so that the programs sharing one column tile of X run together and
-    # X is read from memory about once.
+    # OUT[bh] = IND[bh] @ X[bh]: (R, C) 0/1 indicator times (C, E) states, accumulated in
+    # float32 and rounded once to OUT's dtype. The contraction is short (C = number of key or
+    # query blocks, a few hundred), so the output tile's store is a large share of the work:
+    # half-precision inputs get a bfloat16 OUT in the forward. Row tiles vary fastest in the
+    # grid so that the programs sharing one column tile of X run together and X is read from
+    # memory about once.
     pid_r = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -169,47 +205,31 @@ def _marginal_sum_kernel(
         x = tl.load(x_base + cs[:, None] * E, mask=(cs < C)[:, None] & (cols < E)[None, :],
                     other=0.0)
         acc = mma_acc(a, x, acc, DOT)
-    tl.store(OUT + (pid_bh * R + rows[:, None]) * E + cols[None, :], acc,
-             mask=(rows < R)[:, None] & (cols < E)[None, :])
-
-
-def indicator_dtype(dot: int) -> torch.dtype:
-    """The dtype the 0/1 marginal indicator is stored in for a DOT_* operand precision."""
-    return {DOT_BF16: torch.bfloat16, DOT_F16: torch.float16}.get(dot, torch.float32)
+    tl.store(OUT + (pid_bh * R + rows[:, None]) * E + cols[None, :],
+             acc.to(OUT.dtype.element_ty), mask=(rows < R)[:, None] & (cols < E)[None, :])
 
 
 def empty_indicator(B: int, H: int, R: int, C: int, dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
     """An uninitialised (B, H, R, C) indicator whose rows are padded to 16 bytes, so that the
-    kernel's tile loads are aligned."""
+    kernel's tile loads are aligned. The block-map kernels fill it."""
     per_16_bytes = 128 // torch.finfo(dtype).bits
     padded = triton.cdiv(C, per_16_bytes) * per_16_bytes
     return torch.empty(B, H, R, padded, device=device, dtype=dtype)[..., :C]
 
 
-def marginal_indicator(block_class: torch.Tensor, transpose: bool,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """[block_class == MARGINAL] as (B, H, Mq, Mk), or (B, H, Mk, Mq) when ``transpose``, in
-    ``dtype`` (the forward's block map writes its own; the backward builds them here)."""
-    ind = block_class == MARGINAL
-    if transpose:
-        ind = ind.transpose(-1, -2)
-    out = empty_indicator(*ind.shape, dtype=dtype, device=ind.device)
-    out.copy_(ind)
-    return out
-
-
-def marginal_sum(indicator: torch.Tensor, x: torch.Tensor, dot: int) -> torch.Tensor:
-    """indicator (B, H, R, C) @ x (B, H, C, E) -> float32 (B, H, R, E): the per-block states
-    x summed over the marginal pairs. With the forward indicator (R, C) = (Mq, Mk) this sums each
-    query block's marginal key blocks; with the transposed one it sends query-block gradients
-    back to the key blocks. ``dot`` is the operand precision (DOT_* code); the 0/1 indicator is
-    exact in every one of them.
+def marginal_sum(indicator: torch.Tensor, x: torch.Tensor, dot: int,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """indicator (B, H, R, C) @ x (B, H, C, E) -> (B, H, R, E) in ``out_dtype``: the per-block
+    states x summed over the marginal pairs (float32 accumulation). With the forward indicator
+    (R, C) = (Mq, Mk) this sums each query block's marginal key blocks; with the transposed one
+    it sends query-block gradients back to the key blocks. ``dot`` is the operand precision
+    (DOT_* code); the 0/1 indicator is exact in every one of them.
     """
     B, H, R, C = indicator.shape
     E = x.shape[-1]
     assert indicator.stride(3) == 1 and indicator.stride(1) == R * indicator.stride(2)
-    out = torch.empty(B, H, R, E, device=x.device, dtype=torch.float32)
+    out = torch.empty(B, H, R, E, device=x.device, dtype=out_dtype)
     # Tiles no larger than the problem: frame attention has only ~22 blocks a side.
     block_r = min(128 if x.is_cuda else 16, max(16, triton.next_power_of_2(R)))
     block_c = min(64 if dot in (DOT_F16, DOT_BF16) else 32, max(16, triton.next_power_of_2(C)))

@@ -1,20 +1,24 @@
 """Sparse Linear Attention through Triton: the CUDA implementation of ``lite3r::sla_forward`` and
 ``lite3r::sla_backward``.
 
-One forward call runs, for q (B, H, Nq, D) and k, v (B, H, Nk, D):
+One forward call is five kernel launches and no host synchronisation, for q (B, H, Nq, D) and
+k, v (B, H, Nk, D):
 
-1. the block map (triton_blockmap.py): pooled scores (B, H, Mq, Mk), top-k, block classes, the
-   lookup table of critical key blocks and the marginal indicator;
-2. the linear-branch states (triton_linear.py): [phi(K_j)^T V_j | phi(K_j)^T 1] per key block
-   (the same pass over k gives the key-block sums the block map scores with), summed over each
-   query block's marginal key blocks by one batched product;
-3. the fused attention kernel (triton_attention.py): online softmax over the critical blocks,
+1. the block pass (triton_linear.py): per key block the linear-branch state
+   [phi(K_j)^T V_j | phi(K_j)^T 1] and the sum of k, per query block the mean of q;
+2. the block map (triton_blockmap.py), two launches: pooled scores (B, H, Mq, Mk), then per
+   score row the top-k classes, the lookup table of critical key blocks, their count and the
+   marginal indicator;
+3. the marginal sums of the states per query block: one batched product (triton_linear.py);
+4. the fused attention kernel (triton_attention.py): online softmax over the critical blocks,
    then o_l and o = o_s + o_l W^T + b in the epilogue.
 
-The backward recomputes steps 1-2 from the saved block_class, runs a dq kernel per query block
-(which also produces delta and the gradient of each query block's state), sends the state
-gradients back to the key blocks with the transposed product, and runs a dk/dv kernel per key
-block over the query blocks that chose it. Nothing of size Nq x Nk is ever materialised.
+The backward is seven launches: the tables of both views from the saved block_class (one
+kernel), the key-block states and their marginal sums, a dq kernel per query block (which also
+produces delta, the gradient of each query block's state and partial sums of dW, db), the
+transposed product sending the state gradients back to the key blocks, a dk/dv kernel per key
+block over the query blocks that chose it, and the sum of the dW, db partials. Nothing of size
+Nq x Nk is ever materialised.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
 """
@@ -31,20 +35,14 @@ from lite3r_compile.sla.triton_attention import (
     _sla_bwd_dq_kernel,
     _sla_fwd_kernel,
 )
-from lite3r_compile.sla.triton_blockmap import (
-    BlockMap,
-    build_block_map,
-    block_map_from_classes,
-    transposed_critical_lut,
-)
+from lite3r_compile.sla.triton_blockmap import BlockMap, block_tables, build_block_map
 from lite3r_compile.sla.triton_linear import (
     DOT_BF16,
     DOT_CODES,
     DOT_F32,
     DOT_TF32,
     FEATURE_MAP_CODES,
-    key_block_states,
-    marginal_indicator,
+    block_statistics,
     marginal_sum,
 )
 
@@ -70,9 +68,10 @@ def forward(
     ``save_for_backward``.
     """
     _check_inputs(q, k, v, proj_weight, config)
-    key_states, k_sums = key_block_states(k, v, config, _state_dtype(k))
-    block_map = build_block_map(q, k_sums, k.shape[2], config, _state_dtype(q))
-    states = marginal_sum(block_map.marginal, key_states, dot=_state_dot(k))
+    key_states, k_sums, q_means = block_statistics(q, k, v, config, _state_dtype(k))
+    block_map = build_block_map(q_means, k_sums, k.shape[2], config, _state_dtype(q))
+    states = marginal_sum(block_map.marginal, key_states, dot=_state_dot(k),
+                          out_dtype=_state_dtype(k))
     o, o_l, lse = attention_forward(q, k, v, block_map, states, proj_weight, proj_bias, scale,
                                     config, save_for_backward)
     return o, o_l, lse, block_map.block_class
@@ -146,48 +145,49 @@ def backward(
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     Mq, Mk = block_class.shape[2], block_class.shape[3]
-    block_class = block_class.contiguous()
-    block_map = block_map_from_classes(block_class, _state_dtype(q))
-    states = marginal_sum(block_map.marginal, key_block_states(k, v, config, _state_dtype(k))[0],
-                          dot=_state_dot(k))
+    by_query, by_key = block_tables(block_class, _state_dtype(q), torch.float32)
+    key_states = block_statistics(None, k, v, config, _state_dtype(k))[0]
+    states = marginal_sum(by_query.marginal, key_states, dot=_state_dot(k),
+                          out_dtype=_state_dtype(k))
     weight = proj_weight.float().contiguous()
-    o_l = o_l.contiguous()
+    lse = lse.contiguous()
 
     dq = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
     d_states_q = torch.empty(B, H, Mq, D * D + D, device=q.device, dtype=torch.float32)
+    d_proj_parts = torch.empty(B * H * Mq, D * D + D, device=q.device, dtype=torch.float32)
     delta = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
     common = dict(D=D, FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map], DOT=DOT_CODES[q.dtype],
                   LIN_DOT=_linear_dot(q), BLOCK_M=config.block_q, BLOCK_N=config.block_k)
     _sla_bwd_dq_kernel[(Mq, B * H)](
-        q, k, v, grad_o, o_l, lse.contiguous(), block_map.critical_lut, block_map.critical_count,
+        q, k, v, grad_o, o_l.contiguous(), lse, by_query.critical_lut, by_query.critical_count,
         states, weight,
-        dq, d_states_q, delta,
+        dq, d_states_q, d_proj_parts, delta,
         *q.stride(), *k.stride(), *v.stride(), *grad_o.stride(),
-        H, Nq, Nk, Mq, block_map.critical_lut.shape[-1], float(scale), LINEAR_DENOMINATOR_EPS,
+        H, Nq, Nk, Mq, by_query.critical_lut.shape[-1], float(scale), LINEAR_DENOMINATOR_EPS,
         EVEN_N=Nk % config.block_k == 0, **common,
     )
 
-    to_keys = marginal_indicator(block_class, transpose=True, dtype=torch.float32)
-    d_states_k = marginal_sum(to_keys, d_states_q, dot=_linear_dot(q))
-    t_lut, t_count = transposed_critical_lut(block_class)
+    d_states_k = marginal_sum(by_key.marginal, d_states_q, dot=_linear_dot(q))
     dk = torch.empty(B, H, Nk, D, device=k.device, dtype=k.dtype)
     dv = torch.empty(B, H, Nk, D, device=v.device, dtype=v.dtype)
     _sla_bwd_dkdv_kernel[(Mk, B * H)](
-        q, k, v, grad_o, lse.contiguous(), delta, t_lut, t_count, d_states_k, dk, dv,
+        q, k, v, grad_o, lse, delta, by_key.critical_lut, by_key.critical_count, d_states_k,
+        dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_o.stride(),
-        H, Nq, Nk, Mk, t_lut.shape[-1], float(scale),
+        H, Nq, Nk, Mk, by_key.critical_lut.shape[-1], float(scale),
         EVEN_M=Nq % config.block_q == 0, **common,
     )
 
-    grad_rows = grad_o.reshape(-1, D).float()
-    d_proj_weight = grad_rows.T @ o_l.reshape(-1, D)
-    d_proj_bias = grad_rows.sum(dim=0)
-    return dq, dk, dv, d_proj_weight, d_proj_bias
+    # dW = sum over rows of g^T o_l and db = sum of g, from the dq kernel's per-query-block
+    # partial sums; the op's outputs must not alias, so the bias is copied out.
+    d_proj = d_proj_parts.sum(dim=0)
+    return dq, dk, dv, d_proj[: D * D].view(D, D), d_proj[D * D :].clone()
 
 
 def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    # For half-precision inputs the per-key-block states go through the indicator product as
-    # bfloat16 (8 exponent bits: no overflow); float32 inputs stay exact.
+    # For half-precision inputs the per-key-block states and their marginal sums H_i, Z_i are
+    # bfloat16 (8 exponent bits: no overflow; summed in float32 and rounded once, which moves o_l
+    # by ~1e-3 relative, under the bf16 output's own rounding); float32 inputs stay exact.
     return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
 
 
