@@ -317,6 +317,33 @@ def test_rope_is_identity_at_position_zero_and_relative():
     assert not torch.allclose(score((5, 7), (2, 3)), score((5, 7), (2, 4)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_equals_upstream_table_lookup_bit_for_bit(dtype):
+    # upstream: a (max(positions)+1, D/2) cos/sin table, then F.embedding by position
+    torch.manual_seed(0)
+    rope = RotaryPositionEmbedding2D(frequency=100.0)
+    tokens = torch.randn(2, 4, 37, 64).to(dtype)
+    positions = torch.randint(0, 38, (2, 37, 2))
+    cos, sin = rope.frequency_table(32, int(positions.max()) + 1, tokens.device, dtype)
+
+    def upstream_1d(t, p):
+        c = torch.nn.functional.embedding(p, cos)[:, None]
+        s = torch.nn.functional.embedding(p, sin)[:, None]
+        return t * c + torch.cat((-t[..., 16:], t[..., :16]), dim=-1) * s
+
+    rows, cols = tokens.chunk(2, dim=-1)
+    expected = torch.cat((upstream_1d(rows, positions[..., 0]), upstream_1d(cols, positions[..., 1])), dim=-1)
+    assert torch.equal(rope(tokens, positions), expected)
+
+
+def test_vggt_traces_as_one_graph():
+    # no data-dependent table size, so Dynamo sees the whole model: no graph break, no host sync
+    model = models_zoo.create("vggt-tiny").eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(*model.example_inputs())
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 def test_position_getter_grid_order():
     pos = PositionGetter()(2, 2, 3, device="cpu")
     assert tuple(pos.shape) == (2, 6, 2)

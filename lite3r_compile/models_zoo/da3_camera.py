@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lite3r_compile.models_zoo.da3_layers import Block
 from lite3r_compile.models_zoo.layers import Mlp
@@ -93,8 +92,10 @@ def mat_to_quat(matrix: torch.Tensor) -> torch.Tensor:
     )
     floor = torch.tensor(0.1).to(dtype=q_abs.dtype, device=q_abs.device)
     candidates = quat_by_rijk / (2.0 * q_abs[..., None].max(floor))
-    best = F.one_hot(q_abs.argmax(dim=-1), num_classes=4) > 0.5
-    rijk = candidates[best, :].reshape(batch_shape + (4,))
+    # upstream picks the row with a boolean mask (a data-dependent `nonzero`, a graph break);
+    # gathering the argmax row selects the same values with static shapes
+    best = q_abs.argmax(dim=-1)[..., None, None].expand(batch_shape + (1, 4))
+    rijk = candidates.gather(-2, best).squeeze(-2)
     xyzw = rijk[..., [1, 2, 3, 0]]
     return torch.where(xyzw[..., 3:4] < 0, -xyzw, xyzw)
 

@@ -1,5 +1,5 @@
 """Transformer layers of Depth Anything 3: attention with optional qk-norm and 2D RoPE, pre-norm
-block, patch embedding (the MLP and LayerScale are the zoo's shared ones, in `layers`).
+block, patch embedding (the MLP, LayerScale and 2D RoPE are the zoo's shared ones, in `layers`).
 
 Facts follow upstream `depth_anything_3/model/dinov2/layers/*` and `model/utils/{attention,
 block}.py`; parameter names (`qkv`, `q_norm`, `k_norm`, `proj`, `ls1.gamma`, `mlp.fc1`,
@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lite3r_compile.models_zoo.layers import LayerScale, Mlp
+# DA3's 2D RoPE is VGGT's (same frequencies, same rotate-half pairing)
+from lite3r_compile.models_zoo.layers import LayerScale, Mlp, RotaryPositionEmbedding2D
 
 
 def patch_positions(batch: int, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
@@ -29,52 +30,6 @@ def patch_positions(batch: int, grid_h: int, grid_w: int, device: torch.device) 
     cols = torch.arange(grid_w, device=device)
     grid = torch.cartesian_prod(rows, cols)
     return grid.view(1, grid_h * grid_w, 2).expand(batch, -1, -1).clone()
-
-
-class RotaryPositionEmbedding2D(nn.Module):
-    """2D RoPE: the first half of the head dim rotates with the row, the second with the column.
-
-    For a half of width d, pair (j, j + d/2) rotates by angle p * base^(-2j/d), p the integer
-    position; rotate_half(t) = cat(-t[d/2:], t[:d/2]). Tokens (B, H, N, D), positions (B, N, 2).
-    No parameters. The angle table spans positions 0..max(positions), read from the positions
-    themselves (a data-dependent size, as upstream).
-    """
-
-    def __init__(self, frequency: float = 100.0) -> None:
-        super().__init__()
-        self.base_frequency = frequency
-
-    def _angle_table(
-        self, dim: int, num_positions: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, dim, 2, device=device).float() / dim
-        inv_freq = 1.0 / (self.base_frequency**exponents)
-        positions = torch.arange(num_positions, device=device, dtype=inv_freq.dtype)
-        angles = torch.outer(positions, inv_freq).to(dtype)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    def _rotate_1d(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        cos_p = F.embedding(positions, cos)[:, None, :, :]
-        sin_p = F.embedding(positions, sin)[:, None, :, :]
-        return tokens * cos_p + self._rotate_half(tokens) * sin_p
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (B, H, N, D) with D % 4 == 0, positions (B, N, 2) int -> (B, H, N, D)."""
-        half_dim = tokens.shape[-1] // 2
-        num_positions = int(positions.max()) + 1
-        cos, sin = self._angle_table(half_dim, num_positions, tokens.device, tokens.dtype)
-        rows, cols = tokens.chunk(2, dim=-1)
-        rows = self._rotate_1d(rows, positions[..., 0], cos, sin)
-        cols = self._rotate_1d(cols, positions[..., 1], cos, sin)
-        return torch.cat((rows, cols), dim=-1)
 
 
 class Attention(nn.Module):

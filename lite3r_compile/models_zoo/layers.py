@@ -4,11 +4,15 @@ The module and parameter names follow upstream VGGT's `vggt/layers` (itself DINO
 that official checkpoints load by state-dict name: `attn.qkv`, `attn.q_norm`, `attn.proj`,
 `ls1.gamma`, `mlp.fc1`, `norm1`, `patch_embed.proj`, ...
 
-The code is deliberately written the way upstream writes it, not the way a compiler would like
-it: attention calls `F.scaled_dot_product_attention` on (B, H, N, D) tensors unbound from a fused
-qkv projection, and the 2D rotary embedding sizes its frequency table with the data-dependent
-`int(positions.max()) + 1` and caches tables in a Python dict. lite3r-compile has to cope with
-such code in the wild, so the zoo keeps it.
+The code is written the way upstream writes it, not the way a compiler would like it: attention
+calls `F.scaled_dot_product_attention` on (B, H, N, D) tensors unbound from a fused qkv
+projection, in bf16 with float32 heads. One exception, measured: upstream's 2D rotary embedding
+sizes a frequency table with the data-dependent `int(positions.max()) + 1`, a host sync and a
+Dynamo graph break in every block (48 per VGGT forward; compiled VGGT-1B spent 467 ms of 517 ms
+idle between the pieces). Here the same angles are computed from the positions directly, which
+gives bit-identical values with neither (tests/test_zoo_vggt.py checks both). Code in the wild
+that keeps the table is still handled: capture copes with it, and `torch.compile(backend="lite3r")`
+reports each such graph break (`lite3r_compile.testing` keeps that pattern for the tests).
 """
 
 from __future__ import annotations
@@ -37,51 +41,45 @@ class RotaryPositionEmbedding2D(nn.Module):
         super().__init__()
         self.base_frequency = frequency
         self.scaling_factor = scaling_factor
-        # (dim, max_position, device, dtype) -> (cos, sin), each (max_position, dim)
-        self.frequency_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def _compute_frequency_components(
-        self, dim: int, seq_len: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        key = (dim, seq_len, device, dtype)
-        if key not in self.frequency_cache:
-            exponents = torch.arange(0, dim, 2, device=device).float() / dim
-            inv_freq = 1.0 / (self.base_frequency**exponents)
-            positions = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
-            angles = torch.einsum("i,j->ij", positions, inv_freq).to(dtype)
-            angles = torch.cat((angles, angles), dim=-1)
-            self.frequency_cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
-        return self.frequency_cache[key]
+    def inverse_frequencies(self, dim: int, device: torch.device) -> Tensor:
+        """`base ** (-2i / dim)` for i in [0, dim/2), float32, as upstream computes them."""
+        exponents = torch.arange(0, dim, 2, device=device).float() / dim
+        return 1.0 / (self.base_frequency**exponents)
+
+    def frequency_table(self, dim: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Upstream's (cos, sin) tables, each (seq_len, dim): row p holds the angles of position p.
+        Kept to state (and test) what :meth:`forward` computes without building them."""
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inverse_frequencies(dim, device)).to(dtype)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @staticmethod
     def _rotate_features(x: Tensor) -> Tensor:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-    def _apply_1d_rope(self, tokens: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor) -> Tensor:
-        # positions (B, N) index the tables; the head axis broadcasts.
-        cos = F.embedding(positions, cos_table)[:, None, :, :]
-        sin = F.embedding(positions, sin_table)[:, None, :, :]
-        return tokens * cos + self._rotate_features(tokens) * sin
+    def _apply_1d_rope(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        # Row p of upstream's table is (p * inv_freq) rounded to the tokens' dtype, then cos/sin:
+        # the same float32 product per element here, so the values are bit-identical, without a
+        # table whose length depends on the data. positions (B, N); the head axis broadcasts.
+        inv_freq = self.inverse_frequencies(tokens.size(-1), tokens.device)
+        angles = (positions.to(torch.float32)[..., None] * inv_freq).to(tokens.dtype)
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :, :]
+        return tokens * angles.cos() + self._rotate_features(tokens) * angles.sin()
 
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Rotate `tokens` (B, H, N, D) by integer grid `positions` (B, N, 2) holding (y, x)."""
-        if tokens.size(-1) % 2 != 0:
-            raise ValueError(f"RotaryPositionEmbedding2D: head dim {tokens.size(-1)} must be even")
+        if tokens.size(-1) % 4 != 0:
+            raise ValueError(f"RotaryPositionEmbedding2D: head dim {tokens.size(-1)} must be a multiple of 4")
         if positions.ndim != 3 or positions.shape[-1] != 2:
             raise ValueError(
                 f"RotaryPositionEmbedding2D: positions must be (batch, tokens, 2), got {tuple(positions.shape)}"
             )
-        feature_dim = tokens.size(-1) // 2
-        # Data-dependent on purpose (upstream does exactly this): the table is as long as the
-        # largest position present, which a tracer cannot know without running.
-        max_position = int(positions.max()) + 1
-        cos_table, sin_table = self._compute_frequency_components(
-            feature_dim, max_position, tokens.device, tokens.dtype
-        )
         vertical, horizontal = tokens.chunk(2, dim=-1)
-        vertical = self._apply_1d_rope(vertical, positions[..., 0], cos_table, sin_table)
-        horizontal = self._apply_1d_rope(horizontal, positions[..., 1], cos_table, sin_table)
+        vertical = self._apply_1d_rope(vertical, positions[..., 0])
+        horizontal = self._apply_1d_rope(horizontal, positions[..., 1])
         return torch.cat((vertical, horizontal), dim=-1)
 
 
