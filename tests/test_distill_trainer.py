@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import signal
@@ -17,22 +19,32 @@ from lite3r_compile import LiteConfig, SLAConfig, lite
 from lite3r_compile.distill import checkpoint as ckpt
 from lite3r_compile.distill.losses import attention_loss, capture_outputs, output_loss
 from lite3r_compile.distill.synthetic import SyntheticScenes, SyntheticSceneConfig
-from lite3r_compile.distill.trainer import DistillConfig, distill, select_attention_sites, warmup_cosine
+from lite3r_compile.distill.trainer import (
+    DistillConfig,
+    distill,
+    select_attention_sites,
+    site_projections,
+    warmup_cosine,
+)
 from lite3r_compile.models_zoo import create
 
 SCENES = SyntheticScenes(16, SyntheticSceneConfig(num_views=2, height=28, width=28, num_objects=3))
 CONFIG = DistillConfig(lr=5e-3, warmup_steps=3, num_views=2, autocast=False)
 
 
-@pytest.fixture(scope="module")
-def built_pair():
-    """One teacher and its student for the module: capture is the slow part of lite()."""
+def _build_pair():
     torch.manual_seed(0)
     teacher = create("vggt-tiny")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         student = lite(teacher, backend="eager", config=LiteConfig(sla=SLAConfig(topk=0.25, block_q=16, block_k=16)))
     return teacher, student
+
+
+@pytest.fixture(scope="module")
+def built_pair():
+    """One teacher and its student for the module: capture is the slow part of lite()."""
+    return _build_pair()
 
 
 @pytest.fixture
@@ -251,3 +263,64 @@ def test_torchrun_two_processes_with_gloo_end_with_identical_projections(tmp_pat
     # the ranks saw different scenes
     assert torch.load(tmp_path / "losses0.pt") != torch.load(tmp_path / "losses1.pt")
     assert ckpt.load(tmp_path)["step"] == 6
+
+
+def test_full_finetuning_trains_every_parameter_and_leaves_the_teacher_alone():
+    # trainable="all" (the baseline the Lite3R recipe is measured against): every float
+    # parameter of the student trains, in storage of its own, and the teacher does not move
+    teacher, student = _build_pair()  # its own pair: every parameter of this student changes
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    teacher_ptrs = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    assert any(p.untyped_storage().data_ptr() in teacher_ptrs for p in student.parameters())
+    sla_only = distill(teacher, copy.deepcopy(student), SCENES, steps=2, config=CONFIG, progress=False)
+
+    result = distill(teacher, student, SCENES, steps=3, config=dataclasses.replace(CONFIG, trainable="all", lr=1e-3),
+                     progress=False)
+    params = list(student.parameters())
+    assert all(p.requires_grad for p in params if p.is_floating_point())
+    assert not any(p.untyped_storage().data_ptr() in teacher_ptrs for p in params)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    moved = [n for n, p in student.named_parameters() if not torch.equal(p, student_before[n])]
+    assert any(".frame_blocks.0.attn.qkv.weight" in n for n in moved)
+    assert any(".patch_embed." in n for n in moved) and any(n.startswith("depth_head.") for n in moved)
+    assert result.trainable_params == sum(p.numel() for p in params)
+    assert result.trainable_params > 100 * sla_only.trainable_params
+    # AdamW: two float32 moments per element that got a gradient (VGGT's track head never runs
+    # in training, so it has no state), plus a step counter per tensor
+    moved_elements = sum(p.numel() for n, p in student.named_parameters() if n in moved)
+    assert 8 * moved_elements <= result.optimizer_state_bytes <= 8 * result.trainable_params + 8 * len(params)
+    assert 0 < sla_only.optimizer_state_bytes <= 8 * sla_only.trainable_params + 8 * len(params)
+    assert result.optimizer_state_bytes > 100 * sla_only.optimizer_state_bytes
+    assert all(p.grad is None for p in params), "gradients are freed after the run"
+    with pytest.raises(ValueError, match="trainable must be 'sla'"):
+        DistillConfig(trainable="everything")
+
+
+def test_log_records_each_projection_norm_and_drift(tmp_path, pair):
+    teacher, student = pair
+    log = tmp_path / "metrics.jsonl"
+    distill(teacher, student, SCENES, steps=3, config=CONFIG, log_file=log, progress=False)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    projections = site_projections(student)
+    assert projections
+    for r in records:
+        assert set(r["proj_l_norm"]) == set(r["proj_l_drift"]) == set(projections)
+    # the first record compares with lite()'s zero initialisation: a relative change of 1 for
+    # every projection that moved
+    first = records[0]
+    assert all(first["proj_l_drift"][s] == pytest.approx(1.0) for s, n in first["proj_l_norm"].items() if n > 0)
+    last = records[-1]["proj_l_norm"]
+    for site, module in projections.items():
+        assert last[site] == pytest.approx(float(torch.linalg.vector_norm(module.proj_l.weight)), rel=1e-5)
+    assert 0 < max(records[-1]["proj_l_drift"].values()) < 1
+
+
+def test_on_step_returning_true_stops_the_run(tmp_path, pair):
+    teacher, student = pair
+    result = distill(teacher, student, SCENES, steps=10, config=CONFIG, progress=False,
+                     on_step=lambda step, loss: step == 2, checkpoint_dir=tmp_path)
+    assert result.step == 2 and result.interrupted and len(result.losses) == 2
+    assert ckpt.load(tmp_path)["step"] == 2

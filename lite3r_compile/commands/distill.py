@@ -15,6 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100, help="total optimizer steps (default 100)")
     parser.add_argument("--topk", type=float, default=0.1, help="SLA critical-block fraction (default 0.1)")
     parser.add_argument("--no-fp8", action="store_true", help="no FP8 fake-quantization")
+    parser.add_argument(
+        "--trainable", choices=("sla", "all"), default="sla",
+        help="what trains: 'sla' the SLA projections lite() left trainable (default), 'all' every "
+             "parameter of the student (full fine-tuning, float32 master weights)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=1, help="scenes per step and process")
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 attention_weight=args.attention_weight, output_weight=args.output_weight,
                 activation_checkpointing=args.activation_checkpointing,
                 autocast=not args.no_autocast, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                strategy=args.strategy,
+                strategy=args.strategy, trainable=args.trainable,
             ),
             checkpoint_dir=args.checkpoint_dir, resume=args.resume, log_file=args.log,
             progress=not args.no_progress,
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             last = result.losses[-1] if result.losses else float("nan")
             peak = f", peak memory {result.peak_memory_bytes / 2**30:.2f} GiB" if result.peak_memory_bytes else ""
             print(
-                f"distilled {args.model}: step {result.step}/{args.steps}, loss {first:.4f} -> {last:.4f}, "
+                f"distilled {args.model} ({args.trainable}: {result.trainable_params:,} trainable parameters): "
+                f"step {result.step}/{args.steps}, loss {first:.4f} -> {last:.4f}, "
                 f"{result.seconds_per_step * 1e3:.1f} ms/step on {world} process(es){peak}"
                 + (f"; checkpoint {result.checkpoint}" if result.checkpoint else "")
             )

@@ -1,15 +1,39 @@
 """The distillation trainer: FP8-aware QAT of a lite student with partial attention distillation.
 
 The teacher runs frozen without gradients; the student runs in training mode, which is its FP8
-fake-quantized form; only the student's trainable parameters (by default the SLA ``proj_l``
-weights and biases that :func:`lite3r_compile.lite` leaves trainable) receive updates:
+fake-quantized form:
 
     loss = output_weight * output_loss(student(x), teacher(x))
          + attention_weight * attention_loss at the selected sites
 
+What trains is ``DistillConfig.trainable``:
+
+- ``"sla"`` (default, the Lite3R recipe): the parameters the student has trainable, i.e. the SLA
+  ``proj_l`` weights and biases that :func:`lite3r_compile.lite` leaves trainable;
+- ``"all"`` (full fine-tuning, the baseline the recipe is measured against): every floating-point
+  parameter of the student. FP8 fake-quantized Linear layers train their weights through the
+  straight-through estimator.
+
+A trainable parameter never writes into the teacher: one that shares storage with the teacher
+(every frozen weight of a ``lite()`` student does) gets a copy of its own before training, and
+under autocast a bf16/fp16 one becomes a float32 master weight (the forward still computes in
+bf16). With ``"all"`` the student so ends with a full float32 copy of its weights, all trainable.
+
 AdamW with linear warm-up and cosine decay, gradient clipping, bf16 autocast, optional activation
 checkpointing of the transformer blocks. Under ``torchrun`` the same code trains data-parallel
 (DistributedDataParallel, or FSDP2 ``fully_shard`` for students that do not fit on one GPU).
+
+Metrics log (``log_file``, JSON lines, one record every ``log_every`` steps, written by rank 0):
+
+- ``step``, ``loss``, ``output_loss``, ``attention_loss``, ``lr``, ``scenes_per_s`` (all
+  processes, since the run (or resume) started);
+- ``proj_l_norm``: ``{site path: ||W_t||_F}`` for the ``proj_l.weight`` of every rewritten SLA
+  site (site paths as in ``report(student)``, e.g. ``aggregator.global_blocks.0.attn``);
+- ``proj_l_drift``: ``{site path: ||W_t - W_prev||_F / max(||W_t||_F, 1e-12)}``, the relative
+  change since the previous record (the first record of a run, or of a resumed run, compares with
+  the weights at its start; after ``lite()``'s zero initialisation that first value is 1).
+
+The drift fields cost one device-to-host copy at a logging step and nothing at other steps.
 """
 
 from __future__ import annotations
@@ -25,7 +49,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -41,6 +65,10 @@ from lite3r_compile.distill import checkpoint as ckpt
 from lite3r_compile.distill.losses import OutputLossConfig, attention_loss, capture_outputs, output_loss
 
 SCOPE_NAMES = ("frame", "global", "cross", "self")
+Trainable = Literal["sla", "all"]
+TRAINABLE_MODES: tuple[str, ...] = get_args(Trainable)
+# floor of the norm that divides a proj_l weight's change (its zero initialisation has norm 0)
+DRIFT_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,9 @@ class DistillConfig:
     ``attention_sites`` selects the sites of partial attention distillation: scope names
     (``"global"``, ``"frame"``, ``"cross"``, ``"self"``, ``"all"``), ``"#i"`` for the i-th
     rewritten site, or module-path globs. ``batch_size`` is per process.
+    ``trainable``: ``"sla"`` trains what the student has trainable (the SLA projections after
+    ``lite()``); ``"all"`` fine-tunes every floating-point parameter of the student (float32
+    master weights; see the module docstring).
     """
 
     lr: float = 1e-3
@@ -74,6 +105,7 @@ class DistillConfig:
     checkpoint_every: int = 0
     log_every: int = 1
     strategy: str = "ddp"
+    trainable: Trainable = "sla"
 
     def __post_init__(self) -> None:
         if isinstance(self.attention_sites, str):
@@ -84,11 +116,20 @@ class DistillConfig:
             raise ValueError(f"DistillConfig: lr, batch_size and num_views must be positive: {self}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"DistillConfig.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.trainable not in TRAINABLE_MODES:
+            raise ValueError(
+                f"DistillConfig.trainable must be 'sla' (train the SLA projections lite() left "
+                f"trainable) or 'all' (fine-tune every parameter of the student), got {self.trainable!r}"
+            )
 
 
 @dataclass
 class DistillResult:
-    """What a run did: per-step losses (of this process's batches), timing and memory."""
+    """What a run did: per-step losses (of this process's batches), timing and memory.
+
+    ``trainable_params``: elements trained (tied parameters once); ``trainable_bytes`` their
+    storage; ``optimizer_state_bytes``: AdamW's state on this process after the run (two float32
+    moments per trained element, plus the step counters)."""
 
     losses: list[float] = field(default_factory=list)
     output_losses: list[float] = field(default_factory=list)
@@ -100,6 +141,9 @@ class DistillResult:
     attention_sites: list[str] = field(default_factory=list)
     checkpoint: Path | None = None
     interrupted: bool = False
+    trainable_params: int = 0
+    trainable_bytes: int = 0
+    optimizer_state_bytes: int = 0
 
 
 # --- sites ---------------------------------------------------------------------------------------
@@ -135,6 +179,55 @@ def select_attention_sites(student: nn.Module, selectors: Sequence[str]) -> list
     if not chosen and sites:
         raise ValueError(f"attention_sites {tuple(selectors)} match none of the student's sites {[p for p, _ in sites]}")
     return chosen
+
+
+def site_projections(student: nn.Module) -> dict[str, nn.Module]:
+    """Rewritten site path -> the :class:`~lite3r_compile.sla.module.SparseLinearAttention` module
+    inside it (whose ``proj_l`` trains)."""
+    from lite3r_compile.sla.module import SparseLinearAttention
+
+    out = {}
+    for path, _ in rewritten_sites(student):
+        site = student.get_submodule(path)
+        sla = [m for m in site.modules() if isinstance(m, SparseLinearAttention)]
+        if len(sla) != 1:
+            raise RuntimeError(f"distill: site {path!r} holds {len(sla)} SparseLinearAttention modules, expected 1")
+        out[path] = sla[0]
+    return out
+
+
+class ProjectionDrift:
+    """Per-site Frobenius norm of ``proj_l.weight`` and its relative change between two records:
+    ``||W_t - W_prev|| / max(||W_t||, DRIFT_EPS)``. Holds a float32 copy of every projection (the
+    previous record's); sharded (FSDP2) weights are gathered, so every process must call
+    :meth:`record` at the same steps."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.previous = self._weights()
+
+    def _weights(self) -> list[Tensor]:
+        weights = []
+        for module in self.modules.values():
+            w = module.proj_l.weight.detach()
+            if hasattr(w, "full_tensor"):
+                w = w.full_tensor()
+            weights.append(w.float().clone())
+        return weights
+
+    def record(self) -> dict[str, dict[str, float]]:
+        """``{"proj_l_norm": {site: norm}, "proj_l_drift": {site: relative change}}``; the
+        current weights become the previous ones."""
+        if not self.modules:
+            return {"proj_l_norm": {}, "proj_l_drift": {}}
+        current = self._weights()
+        norms = torch.stack([torch.linalg.vector_norm(w) for w in current])
+        changes = torch.stack([torch.linalg.vector_norm(w - prev) for w, prev in zip(current, self.previous)])
+        self.previous = current
+        # one device-to-host copy for every site
+        norm_list, drift_list = torch.stack([norms, changes / norms.clamp_min(DRIFT_EPS)]).tolist()
+        sites = list(self.modules)
+        return {"proj_l_norm": dict(zip(sites, norm_list)), "proj_l_drift": dict(zip(sites, drift_list))}
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -266,6 +359,40 @@ def _stop_on_signals(flag: dict[str, bool]):
             signal.signal(sig, old)
 
 
+def prepare_trainable(student: nn.Module, teacher: nn.Module, trainable: str, autocast: bool) -> list[nn.Parameter]:
+    """Make the parameters of ``student`` that ``trainable`` names trainable, each in storage of
+    its own, and return them (tied parameters once).
+
+    ``"all"`` switches ``requires_grad`` on for every floating-point parameter. A trainable
+    parameter that shares storage with one of ``teacher``'s gets a copy (training must not move
+    the teacher); with ``autocast`` a bf16/fp16 one becomes float32 (the master weight; autocast
+    casts it down for the matmuls). The Parameter objects stay the same, so the student's
+    modules, tied weights and state-dict keys are unchanged.
+    """
+    if trainable == "all":
+        for p in student.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters() if p.device.type != "meta"}
+    params = [p for p in student.parameters() if p.requires_grad]
+    for p in params:
+        master = autocast and p.dtype in (torch.float16, torch.bfloat16)
+        if master or p.untyped_storage().data_ptr() in teacher_storage:
+            p.data = p.detach().to(torch.float32 if master else p.dtype, copy=True)
+    return params
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``optimizer.state`` on this process (local shards of DTensors)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
 def _freeze_running_stats(model: nn.Module) -> None:
     # Batch-norm statistics are buffers shared with the teacher: training mode must not update them.
     for m in model.modules():
@@ -294,24 +421,29 @@ def distill(
     ``data``: a (B, S, 3, H, W) tensor or a dict with ``images`` (one batch, used every step), a
     ``Dataset`` of scenes (batched in a reproducible step order), any iterable of batches, or the
     path of a folder of scene folders. ``options`` are :class:`DistillConfig` fields
-    (``distill(..., steps=100, lr=3e-4)``). ``on_step(step, loss)`` is called after every step.
+    (``distill(..., steps=100, lr=3e-4)``; ``trainable="all"`` for full fine-tuning).
+    ``on_step(step, loss)`` is called after every step; when it returns True the run stops there,
+    as on SIGTERM (checkpointed, ``result.interrupted``). After the run the gradients are freed.
     Returns a :class:`DistillResult`; ``result.losses`` holds the total loss of every step run here.
     """
     config = dataclasses.replace(config or DistillConfig(), **options)
     if steps < 1:
         raise ValueError(f"distill: steps must be >= 1, got {steps}")
-    trainable = [p for p in student.parameters() if p.requires_grad]
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trainable = prepare_trainable(student, teacher, config.trainable, config.autocast)
     if not trainable:
-        raise ValueError("distill: the student has no trainable parameter (did it come from lite3r_compile.lite?)")
+        raise ValueError(
+            "distill: the student has no trainable parameter (did it come from lite3r_compile.lite? "
+            "Did lite() rewrite any attention site? trainable='all' fine-tunes the whole student)"
+        )
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = trainable[0].device
     site_paths = select_attention_sites(student, config.attention_sites) if config.attention_weight > 0 else []
 
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     student.train()
     _freeze_running_stats(student)
     model = _wrap_distributed(student, config) if distributed else student
@@ -322,7 +454,11 @@ def distill(
     )
     config_dict = dataclasses.asdict(config)
     fingerprint = ckpt.fingerprint(student, config_dict)
-    result = DistillResult(attention_sites=site_paths)
+    result = DistillResult(
+        attention_sites=site_paths,
+        trainable_params=sum(p.numel() for p in trainable),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+    )
     start = 0
     torch.manual_seed(config.seed + rank)
     if resume:
@@ -351,6 +487,7 @@ def distill(
     )
     block_paths = sorted({p.rsplit(".", 1)[0] for p, _ in rewritten_sites(student) if "." in p})
     log = open(log_file, "a") if log_file and rank == 0 else None
+    drift = ProjectionDrift(site_projections(student)) if log_file else None
     bar = _progress_bar(steps, start, enabled=progress and rank == 0)
     stop = {"stop": False}
     if device.type == "cuda":
@@ -415,18 +552,21 @@ def distill(
             result.output_losses.append(l_out.item())
             result.attention_losses.append(l_att.item())
             elapsed = time.perf_counter() - t0
-            if log is not None and step % config.log_every == 0:
-                record = {
-                    "step": step, "loss": result.losses[-1], "output_loss": result.output_losses[-1],
-                    "attention_loss": result.attention_losses[-1], "lr": scheduler.get_last_lr()[0],
-                    "scenes_per_s": (step - start) * config.batch_size * world / elapsed,
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            if drift is not None and step % config.log_every == 0:
+                projections = drift.record()  # on every process: sharded weights are gathered
+                if log is not None:
+                    record = {
+                        "step": step, "loss": result.losses[-1], "output_loss": result.output_losses[-1],
+                        "attention_loss": result.attention_losses[-1], "lr": scheduler.get_last_lr()[0],
+                        "scenes_per_s": (step - start) * config.batch_size * world / elapsed,
+                        **projections,
+                    }
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", att=f"{result.attention_losses[-1]:.4f}")
-            if on_step is not None:
-                on_step(step, result.losses[-1])
+            if on_step is not None and on_step(step, result.losses[-1]):
+                stop["stop"] = True
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save()
             if _any_rank(stop["stop"], distributed):
@@ -440,6 +580,9 @@ def distill(
     result.seconds_per_step = result.seconds / max(1, step - start)
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+    result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    # gradients are of no use after the last step; under full fine-tuning they are a model's worth
+    optimizer.zero_grad(set_to_none=True)
     save()
     return result
 
