@@ -231,10 +231,10 @@ def _sla_rewrite_pass(module: nn.Module, config: LiteConfig, sites: list) -> Pas
     return PassResult("sla_rewrite", {"sla_sites": apply_sla(module, sites, config_for_site)})
 
 
-def _fp8_pass(module: nn.Module, config: LiteConfig, sites: list) -> PassResult:
+def _fp8_pass(module: nn.Module, config: LiteConfig, sites: list, example_inputs: Any) -> PassResult:
     from lite3r_compile.passes.fp8_qat import fp8_qat
 
-    return fp8_qat(module, config, sites)
+    return fp8_qat(module, config, sites, example_inputs)
 
 
 def _freeze_pass(module: nn.Module, config: LiteConfig) -> PassResult:
@@ -250,7 +250,7 @@ def default_passes() -> list[Pass]:
         Pass("find_attention", _find_attention_pass, requires=("example_inputs",),
              provides=("sites", "capture_failures")),
         Pass("sla_rewrite", _sla_rewrite_pass, requires=("sites",), provides=("sla_sites",)),
-        Pass("fp8_qat", _fp8_pass, requires=("sites",), provides=("fp8_layers",), after=("sla_rewrite",)),
+        Pass("fp8_qat", _fp8_pass, requires=("sites", "example_inputs"), provides=("fp8_layers",), after=("sla_rewrite",)),
         Pass("freeze", _freeze_pass, provides=("freeze",), after=("sla_rewrite", "fp8_qat")),
     ]
 

@@ -79,6 +79,12 @@ class FP8Config:
     activation row (token); ``"tensorwise"`` one scale per tensor.
     ``quantize_activations``: fake-quantize the Linear inputs too (FP8 x FP8 GEMM), not only the
     weights.
+    ``keep_high_precision``: the number of transformer blocks, most FP8-sensitive first, whose
+    Linear layers stay high precision (rule ``sensitive``). ``lite()`` measures the sensitivity
+    (:func:`lite3r_compile.sensitivity.fp8_sensitivity`: the relative output change when only
+    that block is fake-quantized) on its ``example_inputs``, after the SLA rewrite, so pass
+    representative inputs; a budget larger than the number of blocks with FP8 layers is an error.
+    For a fixed choice, put :func:`lite3r_compile.sensitivity.block_globs` in ``exclude`` instead.
     """
 
     enabled: bool = True
@@ -89,8 +95,14 @@ class FP8Config:
     skip_patch_embed: bool = True
     skip_heads: bool = True
     multiple_of: int = 16
+    keep_high_precision: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keep_high_precision, int) or self.keep_high_precision < 0:
+            raise ValueError(
+                f"FP8Config.keep_high_precision must be an int >= 0 (a number of transformer blocks), "
+                f"got {self.keep_high_precision!r}"
+            )
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"FP8Config.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"

@@ -18,6 +18,7 @@ detached scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,8 @@ class FP8FakeQuantLinear(nn.Linear):
 class FP8LayerDecision:
     """One Linear layer and whether it is fake-quantized, with the rule that decided (``rule``:
     ``block``, ``no_attention``, ``include``, ``exclude``, ``unaligned``, ``patch_embed``,
-    ``head``, ``outside``, ``disabled``, ``subclass``, ``sla``, ``mha``) and why in words."""
+    ``head``, ``outside``, ``disabled``, ``subclass``, ``sla``, ``mha``, ``sensitive``) and why
+    in words."""
 
     path: str
     in_features: int
@@ -155,10 +157,14 @@ def _inside(path: str, prefix: str) -> bool:
     return prefix == "" or path == prefix or path.startswith(prefix + ".")
 
 
-def plan_fp8(module: nn.Module, config: FP8Config, site_paths: list[str]) -> list[FP8LayerDecision]:
+def plan_fp8(
+    module: nn.Module, config: FP8Config, site_paths: list[str], keep: dict[str, str] | None = None
+) -> list[FP8LayerDecision]:
     """Decide, for every ``nn.Linear`` in ``module``, whether it gets FP8 fake-quant (rules in
     :class:`~lite3r_compile.config.FP8Config`). ``site_paths``: module paths of the attention
-    sites, which locate the transformer blocks."""
+    sites, which locate the transformer blocks. ``keep``: block path -> why, for blocks whose
+    Linear layers stay high precision although the ``block`` rule would quantize them (rule
+    ``sensitive``; see ``FP8Config.keep_high_precision``)."""
     from lite3r_compile.sla.module import SparseLinearAttention
 
     blocks = transformer_blocks(site_paths)
@@ -182,6 +188,9 @@ def plan_fp8(module: nn.Module, config: FP8Config, site_paths: list[str]) -> lis
             decisions.append(FP8LayerDecision(path, m.in_features, m.out_features, False, rule, reason))
             continue
         quantized, rule, reason = _decide(path, m, config, blocks)
+        kept = next((b for b in keep or {} if _inside(path, b)), None)
+        if rule == "block" and kept is not None:
+            quantized, rule, reason = False, "sensitive", keep[kept]
         decisions.append(
             FP8LayerDecision(path, m.in_features, m.out_features, quantized, rule, reason)
         )
@@ -235,14 +244,39 @@ def _replace(module: nn.Module, paths: set[str], config: FP8Config) -> None:
                 setattr(parent, name, replacement[id(child)])
 
 
-def fp8_qat(module: nn.Module, config: LiteConfig, sites: list) -> PassResult:
+def sensitive_blocks(module: nn.Module, config: FP8Config, sites: list, example_inputs: Any) -> dict[str, str]:
+    """Block path -> reason, for the ``config.keep_high_precision`` most FP8-sensitive blocks of
+    ``module`` measured on ``example_inputs`` (:func:`lite3r_compile.sensitivity.fp8_sensitivity`)."""
+    from lite3r_compile.sensitivity import fp8_sensitivity, most_sensitive
+
+    if not config.enabled or config.keep_high_precision == 0:
+        return {}
+    measured = fp8_sensitivity(module, example_inputs, config=config, sites=sites)
+    chosen = most_sensitive(measured, config.keep_high_precision)
+    n = config.keep_high_precision
+    return {
+        b.block: f"among the {n} most FP8-sensitive blocks (output change {b.relative_change:.3g} "
+                 f"when only it is FP8; FP8Config.keep_high_precision)"
+        for b in chosen
+    }
+
+
+def fp8_qat(module: nn.Module, config: LiteConfig, sites: list, example_inputs: Any = None) -> PassResult:
     """Pass: fake-quantize the Linear layers that :func:`plan_fp8` picks, in place.
 
+    With ``FP8Config.keep_high_precision`` the sensitivity of each block is measured on
+    ``module`` as it stands (after the SLA rewrite) with ``example_inputs`` first.
     Provides ``fp8_layers``: the list of :class:`FP8LayerDecision`, one per Linear layer.
     """
-    decisions = plan_fp8(module, config.fp8, [s.path for s in sites])
+    keep = sensitive_blocks(module, config.fp8, sites, example_inputs)
+    decisions = plan_fp8(module, config.fp8, [s.path for s in sites], keep)
     _replace(module, {d.path for d in decisions if d.quantized}, config.fp8)
     result = PassResult("fp8_qat", {"fp8_layers": decisions})
+    if keep:
+        result.notes.append(
+            f"FP8: the {len(keep)} most FP8-sensitive transformer block(s) stay high precision: "
+            + ", ".join(repr(b) for b in keep)
+        )
     n_quantized = sum(d.quantized for d in decisions)
     unaligned = [d.path for d in decisions if d.rule == "unaligned"]
     if config.fp8.enabled and not n_quantized:
