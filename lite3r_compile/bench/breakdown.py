@@ -14,7 +14,7 @@ On CUDA every GPU kernel (and memcpy / memset) of the call is put in one categor
                     every other ATen elementwise / reduction kernel and Inductor
                     pointwise / reduction / persistent kernel
 ``other``           memcpy, memset and anything unmatched
-``heads``           every kernel after the first head marker (:func:`models.mark_heads`), whatever
+``heads``           every kernel after the first head marker (:func:`models.head_marker`), whatever
                     its kind; ``heads_detail`` splits the heads by the categories above
 ==================  ===========================================================================
 

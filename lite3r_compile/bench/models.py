@@ -63,13 +63,44 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-@torch._dynamo.disable
-def mark_heads(name: str, device_type: str) -> None:
-    """A profiler range (and on CUDA a one-cycle kernel) that says the head ``name`` starts here.
-    Never traced by torch.compile, so it stays in compiled models as the boundary it marks."""
+@torch.library.custom_op("lite3r_bench::head_marker", mutates_args=())
+def head_marker(after: Tensor, name: str) -> Tensor:
+    """Say that the head ``name`` starts here: a profiler range and, on CUDA, a one-cycle kernel
+    (the marker on the GPU timeline), once ``after`` exists. Returns a zero scalar of ``after``'s
+    dtype, which :class:`Float32Head` adds to the head's inputs under ``torch.compile``, so the
+    compiled graph orders the head's kernels after the marker. A custom op (not a
+    ``torch._dynamo.disable`` function) so that a compiled model stays one graph: the heads'
+    unused aggregator outputs are then dead code, as they would be without the marker."""
     with torch.profiler.record_function(HEADS_RANGE_PREFIX + name):
-        if device_type == "cuda":
+        if after.device.type == "cuda":
             torch.cuda._sleep(1)
+    return after.new_zeros(())
+
+
+@head_marker.register_fake
+def _(after: Tensor, name: str) -> Tensor:
+    return after.new_empty(())
+
+
+def _last_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in reversed(value):
+            found = _last_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _plus(value: Any, token: Tensor) -> Any:
+    if isinstance(value, Tensor):
+        return value + token if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plus(v, token) for v in value)
+    if isinstance(value, dict):
+        return {k: _plus(v, token) for k, v in value.items()}
+    return value
 
 
 def cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -86,7 +117,8 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
 
 class Float32Head(nn.Module):
     """A head run in float32 behind a bf16 backbone: casts its floating-point inputs to float32,
-    marks the start of the head for the profiler (:func:`mark_heads`) and calls ``module``."""
+    marks the start of the head for the profiler (:func:`head_marker`, after the last tensor of
+    the head's first argument: the backbone's last layer) and calls ``module``."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__()
@@ -94,9 +126,16 @@ class Float32Head(nn.Module):
         self.module = module.float()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        device_type = next(self.module.parameters()).device.type
-        mark_heads(self.head_name, device_type)
-        return self.module(*cast_floats(args, torch.float32), **cast_floats(kwargs, torch.float32))
+        args, kwargs = cast_floats(args, torch.float32), cast_floats(kwargs, torch.float32)
+        after = _last_tensor(args[:1])
+        if after is not None:
+            token = head_marker(after, self.head_name)
+            if torch.compiler.is_compiling():
+                # + 0.0 makes every input depend on the marker (eager runs in program order
+                # anyway); Inductor fuses the add into the inputs' first consumers, and inputs
+                # the head never reads stay dead
+                args, kwargs = _plus(args, token), _plus(kwargs, token)
+        return self.module(*args, **kwargs)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str, *, seed: int = 0,
