@@ -31,34 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
-
-
-class RenderedScenes(Dataset):
-    """``count`` synthetic scenes rendered once, up front, by a pool of processes (one CPU thread
-    each), then served from memory: the benchmark times training, not the CPU ray caster (8 views
-    at 518x518 take ~5 s a scene on one core, more than a training step)."""
-
-    def __init__(self, count: int, config: Any, seed: int, processes: int) -> None:
-        import multiprocessing as mp
-
-        from lite3r_compile.distill.synthetic import render_scene
-
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(processes, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            self.scenes = pool.starmap(render_scene, [(seed + i, config) for i in range(count)])
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.scenes[index]
 
 
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
     from lite3r_compile.bench.models import build_model, model_spec
-    from lite3r_compile.distill.synthetic import SyntheticSceneConfig
+    from lite3r_compile.distill.synthetic import RenderedScenes, SyntheticSceneConfig
     from lite3r_compile.distill.trainer import DistillConfig, distill
 
     spec = model_spec(args.model)

@@ -50,3 +50,20 @@ def test_distill_benchmark_compares_both_modes(tmp_path):
     assert runs["all"]["trainable_params"] > 100 * runs["sla"]["trainable_params"]
     assert result["sla_vs_full"]["trainable_ratio"] > 100
     assert all(len(r["losses"]) == r["steps"] and r["median_step_s"] > 0 for r in runs.values())
+
+
+def test_quality_study_tiny_writes_every_row_and_plot_data(tmp_path):
+    script = _script("quality")
+    assert script.main(["--tiny", "--topk", "0.1", "--steps", "3", "--train-scenes", "2", "--eval-scenes", "2",
+                        "--workers", "0", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    names = [r["variant"] for r in result["rows"]]
+    assert names[:6] == ["teacher", "fp8", "sla@0.1", "sla@0.1+distill", "sla+fp8@0.1", "sla+fp8@0.1+distill"]
+    assert any("most sensitive" in n for n in names) and any("least sensitive" in n for n in names)
+    for row in result["rows"]:
+        assert {"depth_abs_rel", "camera_auc@30"} <= row["vs_gt"].keys()
+        assert len(row.get("losses", [])) == (3 if row["distilled"] else 0)
+    assert result["sensitivity"] and all(b["relative_change"] > 0 for b in result["sensitivity"])
+    assert [d["step"] for d in result["drift"]] == [1, 2, 3]
+    table = (tmp_path / "quality.md").read_text()
+    assert all(f"| {n} |" in table for n in names)
