@@ -16,7 +16,8 @@ loss curve. JSON and PNG under ``--out``.
     python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 30 --out $OUT
 
 ``--full-steps`` may be shorter than ``--steps``: step time and memory are steady after the first
-few steps; the JSON records how many steps each mode ran.
+few steps; the JSON records how many steps each mode ran. With ``--time-budget-s`` a mode stops
+early when its share of the budget (in proportion to its steps) is spent.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 
-def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def run_mode(mode: str, args: argparse.Namespace, device: torch.device, deadline: float) -> dict[str, Any]:
     from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
     from lite3r_compile.bench.models import build_model, model_spec
     from lite3r_compile.distill.synthetic import RenderedScenes, SyntheticSceneConfig
@@ -62,7 +63,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[
         marks.append(time.perf_counter())
         if step <= 3 or step % 25 == 0:
             print(f"{mode}: step {step} loss {loss:.4g} ({marks[-1] - marks[-2]:.2f} s)", flush=True)
-        return False
+        # out of time: stop here (the record says how many steps ran) rather than lose the run
+        return marks[-1] > deadline
 
     result = distill(
         teacher, student, data, steps=steps, on_step=on_step, progress=False,
@@ -74,7 +76,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict[
     steady = step_s[args.warmup:] or step_s
     median = statistics.median(steady)
     record = {
-        "mode": mode, "steps": result.step, "build_and_lite_s": build_s,
+        "mode": mode, "steps": result.step, "steps_asked": steps, "stopped_by_time_budget": result.interrupted,
+        "build_and_lite_s": build_s,
         "median_step_s": median, "mean_step_s": statistics.fmean(steady),
         "first_step_s": step_s[0] if step_s else None,
         "scenes_per_s": 1.0 / median,
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--time-budget-s", type=float, default=0.0,
+                        help="stop each mode's training when its share of this budget is spent (0: no limit)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -155,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "command": " ".join(["python", "benchmarks/distill.py", *sys.argv[1:]]),
     }
     result: dict[str, Any] = {"meta": meta, "runs": []}
-    for mode in args.modes:
-        record = run_mode(mode, args, device)
+    start = time.perf_counter()
+    for i, mode in enumerate(args.modes):
+        # each mode may use what is left of the budget in proportion to the steps it asks for
+        left = args.time_budget_s - (time.perf_counter() - start)
+        asked = [args.steps if m == "sla" else args.full_steps for m in args.modes[i:]]
+        deadline = time.perf_counter() + left * asked[0] / sum(asked) if args.time_budget_s else float("inf")
+        record = run_mode(mode, args, device, deadline)
         result["runs"].append(record)
         print(f"{mode}: {record['steps']} steps, median {record['median_step_s'] * 1e3:.1f} ms/step, "
               f"peak {(record['peak_bytes'] or 0) / 2**30:.2f} GiB, {record['trainable_params']:,} trainable, "
