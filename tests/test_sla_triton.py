@@ -313,3 +313,14 @@ def test_kernels_read_only_constexpr_globals(module_name):
             if isinstance(value, (bool, int, float)) and not isinstance(value, tl.constexpr):
                 pytest.fail(f"{module_name}.{fn.__name__} reads the global {name} = {value!r}, "
                             f"which is not a tl.constexpr")
+
+
+def test_float32_launches_autotune_one_config_with_the_fewest_stages():
+    import triton
+
+    from lite3r_compile.sla.triton_linear import DOT_BF16, DOT_F32, DOT_TF32, float32_prune
+
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 2), (4, 4))]
+    assert float32_prune(configs, {}, DOT=DOT_F32) == [configs[1]]
+    assert float32_prune(configs, {}, DOT=DOT_BF16, D=64) == configs
+    assert float32_prune(configs, {}, DOT=DOT_TF32) == configs

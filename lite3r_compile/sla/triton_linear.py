@@ -31,12 +31,26 @@ DOT_CODES = {torch.float32: DOT_F32, torch.float16: DOT_F16, torch.bfloat16: DOT
 INTERPRETING: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
+def float32_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuning prune: a float32 (``DOT=DOT_F32``, exact ``ieee`` products) launch tries one
+    config, the one with the fewest pipeline stages (the least shared memory: float32 tiles are
+    twice the size). Such kernels serve tests and float32 models; compiling them is what a first
+    call spends its time on (ptxas took 71 s for one small float32 backward over every config on
+    an H200, benchmarks/NOTES.md), not the few percent a tuned config would gain."""
+    if kwargs.get("DOT") == DOT_F32:
+        return [min(configs, key=lambda c: c.num_stages)]
+    return configs
+
+
 def tuned(configs: list[triton.Config], key: list[str]):
-    """Autotune over ``configs`` on a GPU; under TRITON_INTERPRET=1 there is nothing to time, so
-    the kernel runs with the launch options its caller passes."""
+    """Autotune over ``configs`` on a GPU (float32 launches over one, :func:`float32_prune`),
+    with the timings cached on disk next to the compiled kernels, so a warm Triton cache skips
+    both. Under TRITON_INTERPRET=1 there is nothing to time: the kernel runs with the launch
+    options its caller passes."""
     if triton.knobs.runtime.interpret:
         return lambda kernel: kernel
-    return triton.autotune(configs=configs, key=key)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": float32_prune},
+                           cache_results=True)
 
 
 @triton.jit
