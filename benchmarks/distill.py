@@ -3,7 +3,8 @@ student) against full fine-tuning of the same student, on synthetic multi-view s
 
 For each mode the same teacher (a zoo preset with a bf16 backbone and float32 heads, random
 weights, as in the end-to-end benchmark) and the same ``lite()`` student (SLA at ``--topk`` on
-every attention site, FP8 fake-quant) run ``lite3r_compile.distill`` with bf16 autocast:
+the ``--sla-scopes`` sites, global attention by default as in the end-to-end benchmark, FP8
+fake-quant) run ``lite3r_compile.distill`` with bf16 autocast:
 
 - ``sla``: what ``lite()`` leaves trainable, the ``proj_l`` weights and biases;
 - ``all``: every parameter of the student (float32 master weights, AdamW state for all of them).
@@ -47,7 +48,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, deadline
         torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
     teacher = build_model(spec, device, seed=args.seed)
-    config = LiteConfig(sla=SLAConfig(topk=args.topk), fp8=FP8Config(enabled=not args.no_fp8))
+    config = LiteConfig(sla=SLAConfig(topk=args.topk), fp8=FP8Config(enabled=not args.no_fp8),
+                        sla_scopes=tuple(args.sla_scopes))
     example = torch.rand(1, args.frames, 3, side, side, device=device, dtype=torch.bfloat16)
     student = lite(teacher, backend="eager", config=config, example_inputs=(example,))
     build_s = time.perf_counter() - t_build
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the step time")
     parser.add_argument("--modes", nargs="+", choices=("sla", "all"), default=["sla", "all"])
     parser.add_argument("--topk", type=float, default=0.1)
+    parser.add_argument("--sla-scopes", nargs="*", default=["global"],
+                        help="attention scopes that get SLA (default: global, as in benchmarks/e2e.py)")
     parser.add_argument("--no-fp8", action="store_true")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the SLA projections")
     parser.add_argument("--full-lr", type=float, default=1e-5,
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": args.model, "frames": args.frames, "topk": args.topk, "fp8": not args.no_fp8,
+        "sla_scopes": args.sla_scopes,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "command": " ".join(["python", "benchmarks/distill.py", *sys.argv[1:]]),
     }

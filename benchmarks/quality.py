@@ -6,7 +6,8 @@ against the dense teacher trained by ``benchmarks/train_teacher.py``:
 - ``teacher``: the dense model;
 - ``fp8``: FP8 fake-quant only (SLA off). Nothing trains in such a student (Lite3R trains only the
   SLA projections), so it has no distilled form;
-- ``sla@topk``, ``sla+fp8@topk`` (Lite3R): each without distillation (``proj_l`` at its zero
+- ``sla@topk``, ``sla+fp8@topk`` (Lite3R; SLA at the ``--sla-scopes`` sites, global attention by
+  default): each without distillation (``proj_l`` at its zero
   initialisation: block-sparse attention) and distilled for ``--steps`` steps with
   :func:`lite3r_compile.distill` (partial attention distillation at the global sites + outputs);
 - FP8 sensitivity: ``sla+fp8@0.1`` distilled, with the ``--keep`` most FP8-sensitive blocks in
@@ -71,23 +72,24 @@ class Variant:
     speed_key: str
 
 
-def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float) -> list[Variant]:
+def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
+             scopes: tuple[str, ...]) -> list[Variant]:
     no_fp8 = FP8Config(enabled=False)
     out = [Variant("teacher", None, False, "teacher"),
            Variant("fp8", LiteConfig(sla_scopes=(), fp8=FP8Config()), False, "fp8")]
     for topk in topks:
         sla = SLAConfig(topk=topk)
         for name, fp8 in ((f"sla@{topk}", no_fp8), (f"sla+fp8@{topk}", FP8Config())):
-            config = LiteConfig(sla=sla, fp8=fp8)
+            config = LiteConfig(sla=sla, fp8=fp8, sla_scopes=scopes)
             out.append(Variant(name, config, False, name))
             out.append(Variant(name + "+distill", config, True, name))
     if keep and sensitivity:
         sla = SLAConfig(topk=main_topk)
         least = sorted(sensitivity, key=lambda b: b.relative_change)[:keep]
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} most sensitive blocks high precision",
-                           LiteConfig(sla=sla, fp8=FP8Config(keep_high_precision=keep)), True, f"keep{keep}"))
+                           LiteConfig(sla=sla, fp8=FP8Config(keep_high_precision=keep), sla_scopes=scopes), True, f"keep{keep}"))
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} least sensitive blocks high precision",
-                           LiteConfig(sla=sla, fp8=FP8Config(exclude=block_globs(least))), True, f"keep{keep}"))
+                           LiteConfig(sla=sla, fp8=FP8Config(exclude=block_globs(least)), sla_scopes=scopes), True, f"keep{keep}"))
     return out
 
 
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, default=None, help="default: benchmarks/assets/teacher_vggt_small.safetensors")
     parser.add_argument("--tiny", action="store_true", help="train a toy teacher for a few steps first (CPU smoke run)")
     parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--sla-scopes", nargs="*", default=["global"],
+                        help="attention scopes that get SLA (default: global, as in benchmarks/e2e.py)")
     parser.add_argument("--main-topk", type=float, default=0.1, help="the topk of the sensitivity and drift runs")
     parser.add_argument("--steps", type=int, default=300, help="distillation steps per distilled variant")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     main_name = f"sla+fp8@{args.main_topk}+distill"
     rows, drift, speeds = [], [], {}
     log_dir = Path(tempfile.mkdtemp(prefix="lite3r-quality-logs-"))
-    for variant in variants(args.topk, args.keep, sensitivity, args.main_topk):
+    for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes)):
         t0 = time.perf_counter()
         log_file = log_dir / "main.jsonl" if variant.name == main_name else None
         if variant.config is None:
