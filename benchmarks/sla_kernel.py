@@ -173,37 +173,38 @@ def time_sla(batch: int, n: int, topk: float, block_q: int, block_k: int) -> dic
 
     from lite3r_compile.sla import triton_blockmap, triton_linear
 
+    # the forward's steps as triton_sla.forward runs them (bf16 states for bf16 inputs)
+    def stats_step():
+        return triton_linear.block_statistics(q, k, v, config, torch.bfloat16)
+
+    key_states, k_sums, q_means = stats_step()
+
     def block_map_step():
-        return build_block_map(q, k_sums, n, config, torch.bfloat16)
+        return build_block_map(q_means, k_sums, n, config, torch.bfloat16)
 
-    def states_step():
-        return triton_linear.key_block_states(k, v, config, torch.bfloat16)
+    def marginal_step():
+        return triton_linear.marginal_sum(block_map.marginal, key_states, dot=triton_linear.DOT_BF16,
+                                          out_dtype=torch.bfloat16)
 
-    key_states, k_sums = states_step()
     block_map = block_map_step()
-    states = triton_linear.marginal_sum(block_map.marginal, key_states, triton_linear.DOT_BF16)
+    states = marginal_step()
     t_fwd = _bench(fwd)
     t_fwd_bwd = _bench(fwd_bwd)
     t_fwd_graph = _bench_graph(fwd)
     steps = {
-        "key_block_states_ms": _bench(states_step),
-        "block_means_q_ms": _bench(lambda: triton_blockmap.block_means(q, block_q)),
-        "block_scores_ms": _bench(lambda: triton_blockmap.block_scores(q, k_sums, n, config)),
+        "block_statistics_ms": _bench(stats_step),
+        "block_scores_ms": _bench(lambda: triton_blockmap.block_scores(q_means, k_sums, n, config)),
         "block_map_ms": _bench(block_map_step),
-        "marginal_sum_ms": _bench(lambda: triton_linear.marginal_sum(
-            block_map.marginal, key_states, dot=triton_linear.DOT_BF16)),
-        "lut_from_classes_ms": _bench(
-            lambda: triton_blockmap.block_map_from_classes(block_map.block_class, torch.bfloat16)),
-        "transposed_lut_ms": _bench(
-            lambda: triton_blockmap.transposed_critical_lut(block_map.block_class)),
+        "marginal_sum_ms": _bench(marginal_step),
+        "backward_tables_ms": _bench(
+            lambda: triton_blockmap.block_tables(block_map.block_class, torch.bfloat16, torch.float32)),
     }
     t_map = steps["block_map_ms"]
-    t_states = steps["key_block_states_ms"] + steps["marginal_sum_ms"]
+    t_states = steps["block_statistics_ms"] + steps["marginal_sum_ms"]
     t_kernel = _bench(lambda: triton_sla.attention_forward(q, k, v, block_map, states, w, b,
                                                            scale, config, False))
     saved = triton_sla.forward(q, k, v, w, b, scale, config, True)
     t_bwd = _bench(lambda: triton_sla.backward(grad, q, k, v, *saved, w, scale, config))
-    del saved
     n_critical = block_map.critical_lut.shape[-1]
     computed_keys = min(n, n_critical * block_k)
     flops = 4.0 * batch * HEADS * n * computed_keys * HEAD_DIM
@@ -226,13 +227,13 @@ def time_flex(batch: int, n: int, topk: float, block_q: int, block_k: int) -> di
 
     from lite3r_compile.sla.config import SLAConfig
     from lite3r_compile.sla.triton_blockmap import build_block_map
-    from lite3r_compile.sla.triton_linear import key_block_states
+    from lite3r_compile.sla.triton_linear import block_statistics
 
     config = SLAConfig(topk=topk, block_q=block_q, block_k=block_k)
     q, k, v = _qkv(batch, n, torch.bfloat16, seed=2, requires_grad=True)
     grad = torch.randn_like(q)
-    k_sums = key_block_states(k.detach(), v.detach(), config, torch.bfloat16)[1]
-    block_map = build_block_map(q.detach(), k_sums, n, config, torch.bfloat16)
+    _, k_sums, q_means = block_statistics(q.detach(), k.detach(), v.detach(), config, torch.bfloat16)
+    block_map = build_block_map(q_means, k_sums, n, config, torch.bfloat16)
     # The critical blocks go in as "full" blocks (no mask_mod evaluated in them), the fastest
     # path FlexAttention has; index rows are (B, H, Mq, Mk) with the used entries first.
     full_indices = torch.zeros(*block_map.block_class.shape, dtype=torch.int32, device="cuda")

@@ -47,8 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from lite3r_compile.distill import metrics
-from lite3r_compile.distill.evaluate import reconstruction_metrics
+from lite3r_compile.distill.evaluate import evaluate, reconstruction_metrics
 from lite3r_compile.distill.synthetic import SyntheticSceneConfig, render_scene
+from lite3r_compile.models_zoo.da3_camera import mat_to_quat
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_NAME = "teacher_vggt_small"
@@ -161,34 +162,12 @@ def render_many(seeds: list[int], sampling: SceneSampling, workers: int = 0) -> 
         return pool.map(_render_job, jobs)
 
 
-def matrix_to_quaternion(R: Tensor) -> Tensor:
-    """Unit quaternions (..., 4) stored (x, y, z, w) with w >= 0, of rotation matrices (..., 3, 3)
-    (inverse of :func:`lite3r_compile.distill.metrics.quaternion_to_matrix`)."""
-    m = R.float()
-    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    # 4 * each squared component; take the largest for a well-conditioned solution
-    sq = torch.stack([1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22, 1 + m00 + m11 + m22], -1)
-    root = sq.clamp_min(1e-12).sqrt()  # 2 |x|, 2 |y|, 2 |z|, 2 |w|
-    d21, d02, d10 = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
-    s01, s02, s12 = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
-    candidates = torch.stack([
-        torch.stack([root[..., 0] ** 2, s01, s02, d21], -1) / (2 * root[..., 0:1]),
-        torch.stack([s01, root[..., 1] ** 2, s12, d02], -1) / (2 * root[..., 1:2]),
-        torch.stack([s02, s12, root[..., 2] ** 2, d10], -1) / (2 * root[..., 2:3]),
-        torch.stack([d21, d02, d10, root[..., 3] ** 2], -1) / (2 * root[..., 3:4]),
-    ], -2)
-    best = sq.argmax(-1)
-    q = candidates.gather(-2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
-    q = q / q.norm(dim=-1, keepdim=True)
-    return torch.where(q[..., 3:4] < 0, -q, q)
-
-
 def pose_encoding(extrinsics: Tensor, intrinsics: Tensor, size: int) -> Tensor:
     """VGGT's 9-D pose encoding [t, quaternion (x, y, z, w), fov_h, fov_w] of (..., 3, 4)
     world-to-camera extrinsics and (..., 3, 3) intrinsics of ``size`` x ``size`` images."""
     fov_h = 2 * torch.atan(size / (2 * intrinsics[..., 1, 1]))
     fov_w = 2 * torch.atan(size / (2 * intrinsics[..., 0, 0]))
-    quat = matrix_to_quaternion(extrinsics[..., :3, :3])
+    quat = mat_to_quat(extrinsics[..., :3, :3].float())  # (x, y, z, w), w >= 0
     return torch.cat([extrinsics[..., :3, 3], quat, fov_h[..., None], fov_w[..., None]], -1)
 
 
@@ -272,17 +251,11 @@ def gt_reference(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"depth": batch["depth"], "world_points": batch["world_points"], "extrinsics": batch["extrinsics"]}
 
 
-@torch.no_grad()
 def evaluate_model(model: nn.Module, batches: list[dict[str, Tensor]], *, autocast: bool) -> dict[str, float]:
     """Mean metrics of ``model`` against ground truth over ``batches`` (median-aligned depth)."""
-    model.eval()
     device = batches[0]["images"].device
-    rows = []
-    for batch in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(batch["images"])
-        rows.append(reconstruction_metrics(out, gt_reference(batch), align_scale=True))
-    return _mean_metrics(rows)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        return evaluate(model, None, batches, device=device)["student_vs_gt"]
 
 
 def baseline_metrics(batches: list[dict[str, Tensor]], mean_pose: Tensor) -> dict[str, dict[str, float]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +69,30 @@ def test_quality_study_tiny_writes_every_row_and_plot_data(tmp_path):
     assert [d["step"] for d in result["drift"]] == [1, 2, 3]
     table = (tmp_path / "quality.md").read_text()
     assert all(f"| {n} |" in table for n in names)
+
+
+_SLA_KERNEL_STEPS = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("sla_kernel", sys.argv[1])
+sk = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sk)
+sk.HEADS = 1
+def qkv(batch, n, dtype, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 1, n, 64, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(3)]
+sk._qkv = qkv
+sk._proj = lambda seed, zero: (torch.randn(64, 64) * 0.1, torch.randn(64))
+sk._bench = sk._bench_graph = lambda fn: (fn(), 1.0)[1]
+r = sk.time_sla(1, 300, 0.3, 64, 64)
+print(sorted(r["steps"]), r["critical_blocks"], r["key_blocks"])
+"""
+
+
+def test_sla_kernel_benchmark_calls_the_current_kernel_api():
+    # The GPU benchmark's step-by-step timing calls the kernels' Python API directly; run it once
+    # on the CPU under the Triton interpreter (no timing) so an API change cannot break it unseen.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", _SLA_KERNEL_STEPS, str(BENCHMARKS / "sla_kernel.py")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "block_statistics_ms" in done.stdout and done.stdout.strip().endswith("2 5")

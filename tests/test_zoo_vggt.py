@@ -324,7 +324,11 @@ def test_rope_equals_upstream_table_lookup_bit_for_bit(dtype):
     rope = RotaryPositionEmbedding2D(frequency=100.0)
     tokens = torch.randn(2, 4, 37, 64).to(dtype)
     positions = torch.randint(0, 38, (2, 37, 2))
-    cos, sin = rope.frequency_table(32, int(positions.max()) + 1, tokens.device, dtype)
+    # upstream's tables, each (max position + 1, 32): row p holds the angles of position p
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, 32, 2).float() / 32))
+    angles = torch.outer(torch.arange(int(positions.max()) + 1, dtype=torch.float32), inv_freq).to(dtype)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
     def upstream_1d(t, p):
         c = torch.nn.functional.embedding(p, cos)[:, None]

@@ -47,24 +47,15 @@ class RotaryPositionEmbedding2D(nn.Module):
         exponents = torch.arange(0, dim, 2, device=device).float() / dim
         return 1.0 / (self.base_frequency**exponents)
 
-    def frequency_table(self, dim: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Upstream's (cos, sin) tables, each (seq_len, dim): row p holds the angles of position p.
-        Kept to state (and test) what :meth:`forward` computes without building them."""
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inverse_frequencies(dim, device)).to(dtype)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
     @staticmethod
     def _rotate_features(x: Tensor) -> Tensor:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-    def _apply_1d_rope(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def _apply_1d_rope(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
         # Row p of upstream's table is (p * inv_freq) rounded to the tokens' dtype, then cos/sin:
         # the same float32 product per element here, so the values are bit-identical, without a
         # table whose length depends on the data. positions (B, N); the head axis broadcasts.
-        inv_freq = self.inverse_frequencies(tokens.size(-1), tokens.device)
         angles = (positions.to(torch.float32)[..., None] * inv_freq).to(tokens.dtype)
         angles = torch.cat((angles, angles), dim=-1)[:, None, :, :]
         return tokens * angles.cos() + self._rotate_features(tokens) * angles.sin()
@@ -78,8 +69,9 @@ class RotaryPositionEmbedding2D(nn.Module):
                 f"RotaryPositionEmbedding2D: positions must be (batch, tokens, 2), got {tuple(positions.shape)}"
             )
         vertical, horizontal = tokens.chunk(2, dim=-1)
-        vertical = self._apply_1d_rope(vertical, positions[..., 0])
-        horizontal = self._apply_1d_rope(horizontal, positions[..., 1])
+        inv_freq = self.inverse_frequencies(vertical.size(-1), tokens.device)
+        vertical = self._apply_1d_rope(vertical, positions[..., 0], inv_freq)
+        horizontal = self._apply_1d_rope(horizontal, positions[..., 1], inv_freq)
         return torch.cat((vertical, horizontal), dim=-1)
 
 
