@@ -265,6 +265,67 @@ def test_torchrun_two_processes_with_gloo_end_with_identical_projections(tmp_pat
     assert ckpt.load(tmp_path)["step"] == 6
 
 
+ELASTIC_SCRIPT = """
+import os, sys, torch, torch.distributed as dist, warnings
+from lite3r_compile import lite, LiteConfig, SLAConfig
+from lite3r_compile.models_zoo import create
+from lite3r_compile.distill import checkpoint as ckpt
+from lite3r_compile.distill.synthetic import SyntheticScenes, SyntheticSceneConfig
+from lite3r_compile.distill.trainer import DistillConfig, distill
+out, strategy, steps, resume, tag = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume", sys.argv[5]
+distributed = "RANK" in os.environ
+if distributed:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if distributed else 0
+torch.manual_seed(0)
+teacher = create("vggt-tiny")
+warnings.simplefilter("ignore")
+student = lite(teacher, backend="eager", config=LiteConfig(sla=SLAConfig(topk=0.25, block_q=16, block_k=16)))
+scenes = SyntheticScenes(8, SyntheticSceneConfig(num_views=2, height=28, width=28, num_objects=3))
+config = DistillConfig(lr=5e-3, num_views=2, autocast=False, strategy=strategy, checkpoint_every=2)
+result = distill(teacher, student, scenes, steps=steps, config=config, checkpoint_dir=out, resume=resume, progress=False)
+projections = ckpt.gather_trainable(student)  # every process takes part (FSDP2 gathers shards)
+torch.save({"projections": projections, "losses": result.losses, "step": result.step}, f"{out}/{tag}_rank{rank}.pt")
+if distributed:
+    dist.destroy_process_group()
+"""
+
+
+def _elastic_run(tmp_path, nproc, strategy, steps, resume, tag):
+    script = tmp_path / "elastic.py"
+    script.write_text(ELASTIC_SCRIPT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(script), str(tmp_path), strategy, str(steps),
+                                                           "resume" if resume else "fresh", tag]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [torch.load(tmp_path / f"{tag}_rank{r}.pt") for r in range(nproc)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, strategy):
+    # 2 processes train 4 steps; 1 process resumes to 6; 2 processes resume that to 8 under the
+    # other strategy. The checkpoint holds full tensors keyed by parameter name, whatever wrote
+    # them (FSDP2 shards or DDP replicas), so any number of processes can continue it.
+    two = _elastic_run(tmp_path, 2, strategy, 4, False, "first")
+    for r in two:
+        assert r["step"] == 4 and len(r["losses"]) == 4
+    p0, p1 = two[0]["projections"], two[1]["projections"]
+    assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert any(v.abs().sum() > 0 for v in p0.values())
+
+    (one,) = _elastic_run(tmp_path, 1, strategy, 6, True, "second")
+    assert one["step"] == 6 and one["losses"][:4] == two[0]["losses"]
+    assert any(not torch.equal(one["projections"][k], p0[k]) for k in p0), "the resumed run trained"
+
+    again = _elastic_run(tmp_path, 2, {"fsdp": "ddp", "ddp": "fsdp"}[strategy], 8, True, "third")
+    assert [r["step"] for r in again] == [8, 8] and again[0]["losses"][:6] == one["losses"]
+    a0, a1 = again[0]["projections"], again[1]["projections"]
+    assert all(torch.equal(a0[k], a1[k]) for k in a0)
+    assert ckpt.load(tmp_path)["step"] == 8
+
+
 def test_full_finetuning_trains_every_parameter_and_leaves_the_teacher_alone():
     # trainable="all" (the baseline the Lite3R recipe is measured against): every float
     # parameter of the student trains, in storage of its own, and the teacher does not move

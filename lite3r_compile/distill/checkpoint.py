@@ -23,12 +23,17 @@ from torch import Tensor, nn
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+# Config fields a resumed run may change: how long it runs, how often it writes, and how it is
+# spread over processes and loader workers (the checkpoint's tensors are full, whatever wrote them).
+RESUMABLE_FIELDS = ("steps", "checkpoint_every", "log_every", "strategy", "num_workers")
+
+
 def fingerprint(student: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {
         "model": f"{type(student).__module__}.{type(student).__qualname__}",
         "trainable": {n: list(p.shape) for n, p in student.named_parameters() if p.requires_grad},
-        "config": {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every", "log_every")},
+        "config": {k: v for k, v in config.items() if k not in RESUMABLE_FIELDS},
     }
 
 

@@ -22,6 +22,8 @@ bf16). With ``"all"`` the student so ends with a full float32 copy of its weight
 AdamW with linear warm-up and cosine decay, gradient clipping, bf16 autocast, optional activation
 checkpointing of the transformer blocks. Under ``torchrun`` the same code trains data-parallel
 (DistributedDataParallel, or FSDP2 ``fully_shard`` for students that do not fit on one GPU).
+Checkpoints hold full tensors keyed by parameter name, so a run resumes on another number of
+processes and under the other strategy.
 
 Metrics log (``log_file``, JSON lines, one record every ``log_every`` steps, written by rank 0):
 
@@ -54,11 +56,6 @@ from typing import Any, Callable, Literal, get_args
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lite3r_compile.distill import checkpoint as ckpt
@@ -446,14 +443,17 @@ def distill(
 
     student.train()
     _freeze_running_stats(student)
+    config_dict = dataclasses.asdict(config)
+    # before wrapping: FSDP2 changes the student's class (VGGT -> FSDPVGGT)
+    fingerprint = ckpt.fingerprint(student, config_dict)
     model = _wrap_distributed(student, config) if distributed else student
+    # FSDP2 replaces each parameter by a DTensor shard: the optimizer must hold those
+    trainable = [p for p in student.parameters() if p.requires_grad]
 
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, steps, config.warmup_steps, config.min_lr_ratio)
     )
-    config_dict = dataclasses.asdict(config)
-    fingerprint = ckpt.fingerprint(student, config_dict)
     result = DistillResult(
         attention_sites=site_paths,
         trainable_params=sum(p.numel() for p in trainable),
@@ -469,7 +469,7 @@ def distill(
         if diffs:
             raise ValueError("distill: the checkpoint belongs to another model or config:\n  " + "\n  ".join(diffs))
         ckpt.load_trainable(student, state["trainable"])
-        _load_optimizer_state(model, optimizer, state["optimizer"], config)
+        _load_optimizer_state(student, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         # a run resumed on another number of processes reuses rank 0's generators where it must
@@ -500,7 +500,7 @@ def distill(
         if checkpoint_dir is None:
             return
         trainable_state = ckpt.gather_trainable(student)
-        optim_state = _optimizer_state(model, optimizer, config, distributed)
+        optim_state = _optimizer_state(student, optimizer)
         rng = ckpt.rng_state()
         if distributed:
             gathered: list[Any] = [None] * world
@@ -587,23 +587,69 @@ def distill(
     return result
 
 
-def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: DistillConfig, distributed: bool) -> dict:
-    """The optimizer's state as a checkpoint holds it. Replicated (one process, or DDP): the plain
-    state dict, whose parameter order is the student's. Sharded (FSDP2): full tensors keyed by
-    parameter name, so a run can resume on another number of processes."""
-    if distributed and config.strategy == "fsdp":
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+def _parameter_names(student: nn.Module) -> dict[nn.Parameter, str]:
+    return {p: name for name, p in student.named_parameters()}
 
 
-def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, config: DistillConfig) -> None:
-    if dist.is_available() and dist.is_initialized() and config.strategy == "fsdp":
-        # Parameters that never received a gradient (a head the batches do not run) have no
-        # state; names and shapes are already checked by the checkpoint's fingerprint.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
-        set_optimizer_state_dict(model, optimizer, state, options=options)
-    else:
-        optimizer.load_state_dict(state)
+def _optimizer_state(student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state as a checkpoint holds it: ``{"state": {name: {...}}, "param_groups":
+    [{..., "params": [name, ...]}]}`` with full (unsharded) CPU tensors keyed by parameter name,
+    whatever the process count and strategy (one process, DDP replicas, FSDP2 shards), so a run
+    resumes on any number of processes and under either strategy. Under FSDP2 every process must
+    call it (shards are gathered).
+
+    Written here rather than with ``torch.distributed.checkpoint.state_dict``: its full-state
+    loader fails on an optimizer that has not stepped yet ("Expected device to be set", torch
+    2.13), which is exactly the optimizer of a run being resumed.
+    """
+    names = _parameter_names(student)
+
+    def full(value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return value.detach().to("cpu", copy=True)
+
+    state, groups = {}, []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p in optimizer.state:
+                state[names[p]] = {k: full(v) for k, v in optimizer.state[p].items()}
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[p] for p in group["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def _load_optimizer_state(student: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load :func:`_optimizer_state`'s form into ``optimizer``: each process reads the full state
+    and keeps its shard of each tensor shaped like its parameter. Parameters that never received
+    a gradient (a head the batches do not run) have no state."""
+    names = _parameter_names(student)
+    if any(isinstance(key, int) for key in saved.get("state", {})):
+        raise ValueError(
+            "distill: this checkpoint's optimizer state is keyed by parameter index (written by an "
+            "earlier lite3r_compile); resume it with the version that wrote it, or start afresh"
+        )
+
+    def local(value: Any, p: nn.Parameter) -> Any:
+        if isinstance(value, Tensor) and hasattr(p, "device_mesh") and value.shape == p.shape:
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        return value
+
+    state, groups, index = {}, [], 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        group_names = [names[p] for p in group["params"]]
+        if group_names != saved_group["params"]:
+            raise ValueError(f"distill: the checkpoint's optimizer holds other parameters: "
+                             f"{saved_group['params'][:3]}... against {group_names[:3]}...")
+        for p, name in zip(group["params"], group_names):
+            if name in saved["state"]:
+                state[index] = {k: local(v, p) for k, v in saved["state"][name].items()}
+            index += 1
+        groups.append({**saved_group, "params": list(range(index - len(group_names), index))})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _any_rank(flag: bool, distributed: bool) -> bool:
