@@ -14,7 +14,9 @@ against the dense teacher trained by ``benchmarks/train_teacher.py``:
   high precision (``FP8Config.keep_high_precision``) against the same number of the *least*
   sensitive blocks kept (same speed: the same number of FP8 layers), and the sensitivity of every
   block (a plot by block and scope);
-- drift: the relative change of each site's ``proj_l`` between logged steps of the main run.
+- drift: the relative change of each site's ``proj_l`` between logged steps of the main run
+  and, with ``--long-steps``, of the same configuration distilled that many steps (what a longer
+  schedule does).
 
 Metrics: depth AbsRel and delta<1.25 (median-aligned), point Chamfer, pose AUC@30. Latency and peak
 memory (CUDA only) per configuration at ``--latency-frames`` (distillation changes weights, not
@@ -25,6 +27,12 @@ Writes ``quality.json``, ``quality.md`` (the table) and ``quality.png`` / ``qual
 
     python benchmarks/quality.py --out benchmarks/results            # GPU, the trained teacher
     python benchmarks/quality.py --tiny --out /tmp/q                  # CPU smoke run
+
+The committed study (``benchmarks/results/quality_cpu/``, 31 minutes on 2 CPU cores; 32x32 SLA
+blocks, so that the 552 global tokens of the 112x112 teacher make 18 key blocks)::
+
+    python benchmarks/quality.py --device cpu --block-q 32 --block-k 32 --steps 200 --long-steps 800 \
+        --train-scenes 64 --eval-scenes 32 --workers 2 --keep 2 --out benchmarks/results/quality_cpu
 """
 
 from __future__ import annotations
@@ -70,26 +78,37 @@ class Variant:
     config: LiteConfig | None  # None: the teacher itself
     distilled: bool
     speed_key: str
+    steps: int = 0  # distillation steps; 0: --steps
+
+
+def main_variant_name(topk: float) -> str:
+    return f"sla+fp8@{topk}+distill"
 
 
 def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
-             scopes: tuple[str, ...]) -> list[Variant]:
+             scopes: tuple[str, ...], blocks: tuple[int, int] = (SLAConfig.block_q, SLAConfig.block_k),
+             long_steps: int = 0) -> list[Variant]:
     no_fp8 = FP8Config(enabled=False)
     out = [Variant("teacher", None, False, "teacher"),
            Variant("fp8", LiteConfig(sla_scopes=(), fp8=FP8Config()), False, "fp8")]
     for topk in topks:
-        sla = SLAConfig(topk=topk)
+        sla = SLAConfig(topk=topk, block_q=blocks[0], block_k=blocks[1])
         for name, fp8 in ((f"sla@{topk}", no_fp8), (f"sla+fp8@{topk}", FP8Config())):
             config = LiteConfig(sla=sla, fp8=fp8, sla_scopes=scopes)
             out.append(Variant(name, config, False, name))
             out.append(Variant(name + "+distill", config, True, name))
     if keep and sensitivity:
-        sla = SLAConfig(topk=main_topk)
+        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
         least = sorted(sensitivity, key=lambda b: b.relative_change)[:keep]
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} most sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(keep_high_precision=keep), sla_scopes=scopes), True, f"keep{keep}"))
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} least sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(exclude=block_globs(least)), sla_scopes=scopes), True, f"keep{keep}"))
+    if long_steps:
+        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+        out.append(Variant(f"{main_variant_name(main_topk)}, {long_steps} steps",
+                           LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes), True,
+                           f"sla+fp8@{main_topk}", steps=long_steps))
     return out
 
 
@@ -99,10 +118,11 @@ def build_student(teacher: nn.Module, variant: Variant, example: torch.Tensor, d
         student = lite(teacher, backend="eager", config=variant.config, example_inputs=(example,))
     record: dict[str, Any] = {}
     if variant.distilled:
-        result = distill(teacher, student, data, steps=args.steps, progress=False, log_file=log_file,
-                         config=DistillConfig(lr=args.lr, warmup_steps=max(1, args.steps // 10),
+        steps = variant.steps or args.steps
+        result = distill(teacher, student, data, steps=steps, progress=False, log_file=log_file,
+                         config=DistillConfig(lr=args.lr, warmup_steps=max(1, steps // 10),
                                               num_views=args.views, autocast=example.is_cuda, seed=args.seed))
-        record = {"losses": result.losses, "attention_losses": result.attention_losses,
+        record = {"steps": steps, "losses": result.losses, "attention_losses": result.attention_losses,
                   "seconds_per_step": result.seconds_per_step}
     return student.eval(), record
 
@@ -168,15 +188,16 @@ def plots(result: dict[str, Any], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "quality_sensitivity.png", dpi=100)
 
-    drift = result["drift"]
-    if drift:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for site in drift[0]["proj_l_drift"]:
-            ax.plot([d["step"] for d in drift[1:]], [d["proj_l_drift"][site] for d in drift[1:]], lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("||W_t - W_prev|| / ||W_t|| of proj_l")
-        ax.set_title(f"drift of each site's projection ({result['main_variant']})")
+    runs = result["drift"]
+    if runs:
+        fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4), squeeze=False)
+        for ax, (name, drift) in zip(axes[0], runs.items()):
+            for site in drift[0]["proj_l_drift"]:
+                ax.plot([d["step"] for d in drift[1:]], [d["proj_l_drift"][site] for d in drift[1:]], lw=0.8)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("||W_t - W_prev|| / ||W_t|| of proj_l")
+            ax.set_title(f"drift of each site's projection\n{name}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "quality_drift.png", dpi=100)
     result["plots"] = "written"
@@ -189,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--sla-scopes", nargs="*", default=["global"],
                         help="attention scopes that get SLA (default: global, as in benchmarks/e2e.py)")
+    parser.add_argument("--block-q", type=int, default=SLAConfig.block_q,
+                        help="SLA query block (default: SLAConfig's; small models need small blocks for "
+                             "the topk sweep to mean anything: 0.05 and 0.2 of 5 key blocks are both 1)")
+    parser.add_argument("--block-k", type=int, default=SLAConfig.block_k, help="SLA key block")
     parser.add_argument("--main-topk", type=float, default=0.1, help="the topk of the sensitivity and drift runs")
     parser.add_argument("--steps", type=int, default=300, help="distillation steps per distilled variant")
+    parser.add_argument("--long-steps", type=int, default=0,
+                        help="also distill the main variant this many steps (what a longer schedule does; 0: off)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-scenes", type=int, default=64)
     parser.add_argument("--eval-scenes", type=int, default=16)
@@ -201,7 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="run nothing: redraw the PNGs of a quality.json into its folder")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        plots(result, args.replot.parent)
+        args.replot.write_text(json.dumps(result, indent=1))
+        print(result["plots"])
+        return 0
     device = torch.device(args.device)
     tt = _train_teacher_module()
     t_start = time.perf_counter()
@@ -226,12 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     sensitivity = fp8_sensitivity(teacher, (example,)) if args.keep else []
     if args.keep > len(sensitivity):
         args.keep = 0
-    main_name = f"sla+fp8@{args.main_topk}+distill"
-    rows, drift, speeds = [], [], {}
+    main_name = main_variant_name(args.main_topk)
+    rows, drift, speeds = [], {}, {}
     log_dir = Path(tempfile.mkdtemp(prefix="lite3r-quality-logs-"))
-    for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes)):
+    for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes),
+                            (args.block_q, args.block_k), args.long_steps):
         t0 = time.perf_counter()
-        log_file = log_dir / "main.jsonl" if variant.name == main_name else None
+        # the main run and the long run log every step: the drift of their projections
+        logged = variant.name == main_name or (variant.steps and variant.name.startswith(main_name))
+        log_file = log_dir / f"{len(rows)}.jsonl" if logged else None
         if variant.config is None:
             model, train_record = teacher, {}
         else:
@@ -248,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         row["speed"] = speeds.get(variant.speed_key, {})
         rows.append(row)
         if log_file is not None and log_file.exists():
-            drift = [json.loads(line) for line in log_file.read_text().splitlines()]
+            drift[variant.name] = [json.loads(line) for line in log_file.read_text().splitlines()]
         print(f"{variant.name}: {json.dumps({m: round(row['vs_gt'].get(m, float('nan')), 4) for m in METRICS})} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
         del model
@@ -258,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "teacher": str(teacher_path), "teacher_record": {k: record[k] for k in ("arch", "sampling", "steps") if k in record},
         "eval_scenes": args.eval_scenes, "steps": args.steps, "main_variant": main_name,
+        "sla_blocks": [args.block_q, args.block_k], "sla_scopes": list(args.sla_scopes),
         "rows": rows, "sensitivity": [dataclasses.asdict(b) for b in sensitivity],
-        "drift": [{"step": d["step"], "proj_l_drift": d["proj_l_drift"]} for d in drift],
+        "drift": {name: [{"step": d["step"], "proj_l_drift": d["proj_l_drift"], "proj_l_norm": d.get("proj_l_norm")}
+                         for d in log] for name, log in drift.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,16 @@ def test_point_cloud_errors():
     assert shifted["accuracy"] > 5 and shifted["completeness"] > 5
 
 
+def test_nearest_distance_is_the_brute_force_minimum():
+    # the CPU path searches a k-d tree; it must give the exhaustive search's distances
+    gen = torch.Generator().manual_seed(0)
+    src, dst = torch.randn(700, 3, generator=gen), torch.randn(500, 3, generator=gen) * 2
+    brute = (src[:, None, :].double() - dst[None].double()).norm(dim=-1).min(dim=1).values
+    nearest = metrics._nearest_distance(src, dst)
+    assert nearest.dtype == src.dtype and nearest.shape == (700,)
+    torch.testing.assert_close(nearest.double(), brute, rtol=1e-6, atol=1e-6)
+
+
 def _random_rotation(gen):
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.det(q))

@@ -69,8 +69,16 @@ def depth_delta(
 def _nearest_distance(src: Tensor, dst: Tensor, chunk: int = 4096) -> Tensor:
     """For each point of ``src`` (N, 3), the distance to its nearest point of ``dst`` (M, 3).
 
-    Chunked so that no N x M matrix larger than ``chunk`` x M is built.
+    Exact either way: on a CPU a k-d tree (scipy), O((N + M) log M), since the brute-force search
+    takes seconds a cloud there (2.2 s for 20k points on 2 cores, which made the evaluation the
+    slowest part of a CPU quality study); elsewhere ``torch.cdist`` in chunks, so that no N x M
+    matrix larger than ``chunk`` x M is built.
     """
+    if src.device.type == "cpu":
+        from scipy.spatial import cKDTree
+
+        distance, _ = cKDTree(dst.double().numpy()).query(src.double().numpy(), k=1)
+        return torch.from_numpy(distance).to(src.dtype)
     out = []
     for start in range(0, src.shape[0], chunk):
         out.append(torch.cdist(src[start : start + chunk], dst).min(dim=1).values)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU plan of benchmarks/NOTES.md as named stages, for the lent machine (device tool), where
+# one call may run 10 minutes and the session has 30. Each stage has its own time limit (LIMIT
+# below, seconds), so a stage that runs long costs its own budget and not the next stage's
+# results; each writes its log to $OUT/<stage>.log and its outputs under $OUT/<stage>/.
+#
+#   bash benchmarks/gpu_session.sh tests kernels          # one call: GPU tests, then the kernel benchmark
+#   bash benchmarks/gpu_session.sh distill                # next call (within 30 s keeps the machine warm)
+#
+# `quality` studies the teacher in benchmarks/assets (the committed one, trained on a CPU at
+# 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224).
+#
+# Triton compiles and autotunes every kernel shape on its first call (benchmarks/NOTES.md, cold
+# start: 14-30 s a shape). The cache lives in ./.triton_cache (git-ignored) and is packed into
+# $OUT/triton_cache.tar at the end: unpack it here into .triton_cache and name it in the device
+# tool's `carry` so the next machine starts warm.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder whose files come back}"
+export OUT
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+
+declare -A LIMIT=(
+    [tests]=240 [kernels]=300 [distill]=480 [e2e]=540 [teacher]=570 [quality]=540
+)
+
+stage() {
+    local name=$1
+    local dir=$OUT/$name
+    mkdir -p "$dir"
+    case $name in
+    tests) python -m pytest -m gpu -q -p no:cacheprovider tests ;;
+    kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
+    distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
+        --workers 16 --scenes 16 --time-budget-s 420 --out "$dir" ;;
+    e2e) python benchmarks/e2e.py --out "$dir" ;;
+    teacher) python benchmarks/train_teacher.py --minutes 8 --out "$dir" ;;
+    quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
+    *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;
+    esac
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+status=0
+for name in "$@"; do
+    limit=${LIMIT[$name]:-}
+    if [ -z "$limit" ]; then
+        echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2
+        status=2
+        continue
+    fi
+    start=$(date +%s)
+    echo "=== $name (limit ${limit} s)"
+    # the stage runs in a subshell under timeout; its output goes to the log as it is written
+    export -f stage
+    timeout --signal=INT --kill-after=20 "$limit" bash -c "stage $name" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+    [ "$rc" -ne 0 ] && status=$rc
+done
+tar -cf "$OUT/triton_cache.tar" .triton_cache
+exit $status
