@@ -79,6 +79,7 @@ class Variant:
     distilled: bool
     speed_key: str
     steps: int = 0  # distillation steps; 0: --steps
+    log_drift: bool = False  # log its projections every step (the main run and the long run)
 
 
 def main_variant_name(topk: float) -> str:
@@ -96,7 +97,8 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
         for name, fp8 in ((f"sla@{topk}", no_fp8), (f"sla+fp8@{topk}", FP8Config())):
             config = LiteConfig(sla=sla, fp8=fp8, sla_scopes=scopes)
             out.append(Variant(name, config, False, name))
-            out.append(Variant(name + "+distill", config, True, name))
+            out.append(Variant(name + "+distill", config, True, name,
+                               log_drift=name + "+distill" == main_variant_name(main_topk)))
     if keep and sensitivity:
         sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
         least = sorted(sensitivity, key=lambda b: b.relative_change)[:keep]
@@ -108,7 +110,7 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
         sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
         out.append(Variant(f"{main_variant_name(main_topk)}, {long_steps} steps",
                            LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes), True,
-                           f"sla+fp8@{main_topk}", steps=long_steps))
+                           f"sla+fp8@{main_topk}", steps=long_steps, log_drift=True))
     return out
 
 
@@ -267,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes),
                             (args.block_q, args.block_k), args.long_steps):
         t0 = time.perf_counter()
-        # the main run and the long run log every step: the drift of their projections
-        logged = variant.name == main_name or (variant.steps and variant.name.startswith(main_name))
-        log_file = log_dir / f"{len(rows)}.jsonl" if logged else None
+        log_file = log_dir / f"{len(rows)}.jsonl" if variant.log_drift else None
         if variant.config is None:
             model, train_record = teacher, {}
         else:
