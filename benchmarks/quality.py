@@ -10,6 +10,8 @@ against the dense teacher trained by ``benchmarks/train_teacher.py``:
   default): each without distillation (``proj_l`` at its zero
   initialisation: block-sparse attention) and distilled for ``--steps`` steps with
   :func:`lite3r_compile.distill` (partial attention distillation at the global sites + outputs);
+- ``--full-finetune``: the main configuration with every parameter trained (the baseline the
+  projections-only recipe is measured against), at ``--full-lr``;
 - FP8 sensitivity: ``sla+fp8@0.1`` distilled, with the ``--keep`` most FP8-sensitive blocks in
   high precision (``FP8Config.keep_high_precision``) against the same number of the *least*
   sensitive blocks kept (same speed: the same number of FP8 layers), and the sensitivity of every
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import time
 import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,7 @@ class Variant:
     speed_key: str
     steps: int = 0  # distillation steps; 0: --steps
     log_drift: bool = False  # log its projections every step (the main run and the long run)
+    trainable: str = "sla"  # DistillConfig.trainable: "all" is full fine-tuning (the baseline)
 
 
 def main_variant_name(topk: float) -> str:
@@ -88,7 +92,7 @@ def main_variant_name(topk: float) -> str:
 
 def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
              scopes: tuple[str, ...], blocks: tuple[int, int] = (SLAConfig.block_q, SLAConfig.block_k),
-             long_steps: int = 0) -> list[Variant]:
+             long_steps: int = 0, full_finetune: bool = False) -> list[Variant]:
     no_fp8 = FP8Config(enabled=False)
     out = [Variant("teacher", None, False, "teacher"),
            Variant("fp8", LiteConfig(sla_scopes=(), fp8=FP8Config()), False, "fp8")]
@@ -111,6 +115,10 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
         out.append(Variant(f"{main_variant_name(main_topk)}, {long_steps} steps",
                            LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes), True,
                            f"sla+fp8@{main_topk}", steps=long_steps, log_drift=True))
+    if full_finetune:
+        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+        out.append(Variant(f"sla+fp8@{main_topk}+full fine-tuning", LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes),
+                           True, f"sla+fp8@{main_topk}", trainable="all"))
     return out
 
 
@@ -121,9 +129,11 @@ def build_student(teacher: nn.Module, variant: Variant, example: torch.Tensor, d
     record: dict[str, Any] = {}
     if variant.distilled:
         steps = variant.steps or args.steps
+        full = variant.trainable == "all"
         result = distill(teacher, student, data, steps=steps, progress=False, log_file=log_file,
-                         config=DistillConfig(lr=args.lr, warmup_steps=max(1, steps // 10),
-                                              num_views=args.views, autocast=example.is_cuda, seed=args.seed))
+                         config=DistillConfig(lr=args.full_lr if full else args.lr, warmup_steps=max(1, steps // 10),
+                                              num_views=args.views, autocast=example.is_cuda, seed=args.seed,
+                                              trainable=variant.trainable))
         record = {"steps": steps, "losses": result.losses, "attention_losses": result.attention_losses,
                   "seconds_per_step": result.seconds_per_step}
     return student.eval(), record
@@ -221,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-steps", type=int, default=0,
                         help="also distill the main variant this many steps (what a longer schedule does; 0: off)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--full-finetune", action="store_true",
+                        help="also fine-tune the whole main-variant student (the baseline the projections-only recipe "
+                             "is measured against), at --full-lr")
+    parser.add_argument("--full-lr", type=float, default=1e-4)
+    parser.add_argument("--only", nargs="*", default=None, metavar="GLOB",
+                        help="run only the variants whose names match one of these globs (the teacher always runs)")
     parser.add_argument("--train-scenes", type=int, default=64)
     parser.add_argument("--eval-scenes", type=int, default=16)
     parser.add_argument("--keep", type=int, default=2, help="blocks kept high precision in the sensitivity rows (0: none)")
@@ -267,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, drift, speeds = [], {}, {}
     log_dir = Path(tempfile.mkdtemp(prefix="lite3r-quality-logs-"))
     for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes),
-                            (args.block_q, args.block_k), args.long_steps):
+                            (args.block_q, args.block_k), args.long_steps, args.full_finetune):
+        if args.only is not None and variant.config is not None and not any(fnmatch(variant.name, g) for g in args.only):
+            continue
         t0 = time.perf_counter()
         log_file = log_dir / f"{len(rows)}.jsonl" if variant.log_drift else None
         if variant.config is None:

@@ -58,7 +58,7 @@ def test_quality_study_tiny_writes_every_row_and_plot_data(tmp_path):
     script = _script("quality")
     assert script.main(["--tiny", "--topk", "0.1", "--steps", "3", "--train-scenes", "2", "--eval-scenes", "2",
                         "--workers", "0", "--long-steps", "4", "--block-q", "16", "--block-k", "16",
-                        "--device", "cpu", "--out", str(tmp_path)]) == 0
+                        "--full-finetune", "--device", "cpu", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "quality.json").read_text())
     names = [r["variant"] for r in result["rows"]]
     assert names[:6] == ["teacher", "fp8", "sla@0.1", "sla@0.1+distill", "sla+fp8@0.1", "sla+fp8@0.1+distill"]
@@ -66,13 +66,23 @@ def test_quality_study_tiny_writes_every_row_and_plot_data(tmp_path):
     for row in result["rows"]:
         assert {"depth_abs_rel", "camera_auc@30"} <= row["vs_gt"].keys()
         assert len(row.get("losses", [])) == (row.get("steps", 3) if row["distilled"] else 0)
-    assert names[-1] == "sla+fp8@0.1+distill, 4 steps" and len(result["rows"][-1]["losses"]) == 4
+    assert names[-2:] == ["sla+fp8@0.1+distill, 4 steps", "sla+fp8@0.1+full fine-tuning"]
+    assert len(result["rows"][-2]["losses"]) == 4 and len(result["rows"][-1]["losses"]) == 3
     assert result["sla_blocks"] == [16, 16]
     assert result["sensitivity"] and all(b["relative_change"] > 0 for b in result["sensitivity"])
     assert [d["step"] for d in result["drift"]["sla+fp8@0.1+distill"]] == [1, 2, 3]
     assert [d["step"] for d in result["drift"]["sla+fp8@0.1+distill, 4 steps"]] == [1, 2, 3, 4]
     table = (tmp_path / "quality.md").read_text()
     assert all(f"| {n} |" in table for n in names)
+
+
+def test_quality_study_only_runs_the_named_variants(tmp_path):
+    script = _script("quality")
+    assert script.main(["--tiny", "--topk", "0.1", "--steps", "2", "--train-scenes", "2", "--eval-scenes", "1",
+                        "--workers", "0", "--keep", "0", "--only", "fp8", "sla@*", "--device", "cpu",
+                        "--out", str(tmp_path)]) == 0
+    names = [r["variant"] for r in json.loads((tmp_path / "quality.json").read_text())["rows"]]
+    assert names == ["teacher", "fp8", "sla@0.1", "sla@0.1+distill"]
 
 
 _SLA_KERNEL_STEPS = """
