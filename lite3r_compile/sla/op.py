@@ -221,7 +221,7 @@ def sla_attention(
 def every_block_critical(n_keys: int, config: SLAConfig) -> bool:
     """Whether all ceil(n_keys / block_k) key blocks of a query block are critical (so SLA has no
     linear branch and no negligible block); False for no keys."""
-    n_kblocks = -(-n_keys // config.block_k)
+    n_kblocks = reference.num_blocks(n_keys, config.block_k)
     return n_kblocks > 0 and config.num_critical(n_kblocks) == n_kblocks
 
 

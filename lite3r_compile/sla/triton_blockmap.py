@@ -89,6 +89,19 @@ def _kth_largest(key, valid, k):
 
 
 @triton.jit
+def _store_tables(c, idx, valid, LUT_LINE, COUNT_AT, IND_LINE):
+    # From the classes c of one row (or column) of block_class, whose block indices are idx (real
+    # where valid): the critical indices in ascending order at LUT_LINE, their count at COUNT_AT
+    # and the marginal indicator at IND_LINE (through float32: Triton 3.6's interpreter casts
+    # integers to bfloat16 as raw bit patterns).
+    critical = valid & (c == CRITICAL_C)
+    slot = tl.cumsum(critical.to(tl.int32), 0) - 1
+    tl.store(LUT_LINE + slot, idx, mask=critical)
+    tl.store(COUNT_AT, tl.sum(critical.to(tl.int32)))
+    tl.store(IND_LINE + idx, (c == MARGINAL_C).to(tl.float32).to(IND_LINE.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _sla_classify_kernel(
     SCORES, CLS, LUT, COUNT, IND, stride_ind_row, Mk, n_critical, n_negligible,
     BLOCK: tl.constexpr,
@@ -122,15 +135,9 @@ def _sla_classify_kernel(
         from_end = tl.sum(tied_low) - tl.cumsum(tied_low, 0) + tied_low
         negligible = below | ((tied_low != 0) & (from_end <= room_low))
 
-    cls = tl.where(critical, 2, tl.where(negligible, 0, 1)).to(tl.int8)
+    cls = tl.where(critical, CRITICAL_C, tl.where(negligible, NEGLIGIBLE_C, MARGINAL_C)).to(tl.int8)
     tl.store(CLS + row * Mk + idx, cls, mask=valid)
-    # The marginal indicator the linear branch's product reads (through float32: Triton 3.6's
-    # interpreter casts integers to bfloat16 as raw bit patterns).
-    tl.store(IND + row * stride_ind_row + idx,
-             (cls == 1).to(tl.float32).to(IND.dtype.element_ty), mask=valid)
-    slot = tl.cumsum(critical.to(tl.int32), 0) - 1
-    tl.store(LUT + row * n_critical + slot, idx, mask=critical)
-    tl.store(COUNT + row, n_critical)
+    _store_tables(cls, idx, valid, LUT + row * n_critical, COUNT + row, IND + row * stride_ind_row)
 
 
 @triton.jit
@@ -147,27 +154,17 @@ def _sla_tables_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     cls = CLS + pid_bh * Mq * Mk
     if r < Mq:
-        slot_row = pid_bh * Mq + r
+        line = pid_bh * Mq + r
         idx = tl.arange(0, BLOCK_ROW)
         valid = idx < Mk
         c = tl.load(cls + r * Mk + idx, mask=valid, other=NEGLIGIBLE_C)
-        critical = c == CRITICAL_C
-        slot = tl.cumsum(critical.to(tl.int32), 0) - 1
-        tl.store(LUT + slot_row * Mk + slot, idx, mask=critical)
-        tl.store(COUNT + slot_row, tl.sum(critical.to(tl.int32)))
-        tl.store(IND + slot_row * stride_ind_row + idx,
-                 (c == MARGINAL_C).to(tl.float32).to(IND.dtype.element_ty), mask=valid)
+        _store_tables(c, idx, valid, LUT + line * Mk, COUNT + line, IND + line * stride_ind_row)
     if r < Mk:
-        slot_col = pid_bh * Mk + r
+        line = pid_bh * Mk + r
         idx = tl.arange(0, BLOCK_COL)
         valid = idx < Mq
         c = tl.load(cls + idx * Mk + r, mask=valid, other=NEGLIGIBLE_C)
-        critical = c == CRITICAL_C
-        slot = tl.cumsum(critical.to(tl.int32), 0) - 1
-        tl.store(T_LUT + slot_col * Mq + slot, idx, mask=critical)
-        tl.store(T_COUNT + slot_col, tl.sum(critical.to(tl.int32)))
-        tl.store(T_IND + slot_col * stride_t_ind_row + idx,
-                 (c == MARGINAL_C).to(tl.float32).to(T_IND.dtype.element_ty), mask=valid)
+        _store_tables(c, idx, valid, T_LUT + line * Mq, T_COUNT + line, T_IND + line * stride_t_ind_row)
 
 
 @dataclass(frozen=True)
