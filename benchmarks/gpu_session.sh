@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests kernels          # one call: GPU tests, then the kernel benchmark
 #   bash benchmarks/gpu_session.sh distill                # next call (within 30 s keeps the machine warm)
+#   bash benchmarks/gpu_session.sh distill:360 kernels:220  # NAME:SECONDS replaces a stage's limit
 #
 # `quality` studies the teacher in benchmarks/assets (the committed one, trained on a CPU at
 # 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224).
@@ -23,19 +24,21 @@ export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 
 declare -A LIMIT=(
-    [tests]=240 [kernels]=300 [distill]=480 [e2e]=540 [teacher]=570 [quality]=540
+    [tests]=240 [overhead]=240 [kernels]=300 [distill]=480 [e2e]=540 [teacher]=570 [quality]=540
 )
 
+# A stage with a time budget of its own gets its limit less the time to build, save and plot.
 stage() {
-    local name=$1
+    local name=$1 limit=$2
     local dir=$OUT/$name
     mkdir -p "$dir"
     case $name in
     tests) python -m pytest -m gpu -q -p no:cacheprovider tests ;;
+    overhead) python benchmarks/compile_overhead.py --out "$dir" ;;
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
-        --workers 16 --scenes 16 --time-budget-s 420 --out "$dir" ;;
-    e2e) python benchmarks/e2e.py --out "$dir" ;;
+        --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
+    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --time-budget-s $((limit - 45)) --out "$dir" ;;
     teacher) python benchmarks/train_teacher.py --minutes 8 --out "$dir" ;;
     quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;
@@ -44,8 +47,10 @@ stage() {
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 status=0
-for name in "$@"; do
+for arg in "$@"; do
+    name=${arg%%:*}
     limit=${LIMIT[$name]:-}
+    [ "$arg" != "$name" ] && [ -n "$limit" ] && limit=${arg#*:}
     if [ -z "$limit" ]; then
         echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2
         status=2
@@ -55,7 +60,7 @@ for name in "$@"; do
     echo "=== $name (limit ${limit} s)"
     # the stage runs in a subshell under timeout; its output goes to the log as it is written
     export -f stage
-    timeout --signal=INT --kill-after=20 "$limit" bash -c "stage $name" 2>&1 | tee "$OUT/$name.log"
+    timeout --signal=INT --kill-after=20 "$limit" bash -c "stage $name $limit" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
     echo "=== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     [ "$rc" -ne 0 ] && status=$rc

@@ -270,7 +270,9 @@ def time_flex(batch: int, n: int, topk: float, block_q: int, block_k: int) -> di
 # ---------------------------------------------------------------------------------------- main
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """The whole benchmark; ``save(result)`` after each measurement, so a run cut by a time
+    limit keeps what it measured."""
     torch.backends.cuda.matmul.allow_tf32 = False
     result = {
         "command": " ".join([Path(sys.executable).name] + sys.argv),
@@ -287,7 +289,7 @@ def run(args) -> dict:
     if not args.skip_correctness:
         result["correctness"] = check_correctness(args.correct_frames, args.correct_bwd_frames)
 
-    sweep = []
+    sweep = result["sweep"] = []
     sdpa_by_n = {}
     for frames in args.frames:
         n = frames * TOKENS_PER_FRAME
@@ -302,6 +304,7 @@ def run(args) -> dict:
                 row["flex"] = time_flex(1, n, topk, args.block_q, args.block_k)
             print(f"  topk={topk}: flex {json.dumps(row.get('flex'))}", flush=True)
             sweep.append(row)
+            save(result)
         torch.cuda.empty_cache()
     for topk in args.frame_topk:
         n = TOKENS_PER_FRAME
@@ -310,6 +313,7 @@ def run(args) -> dict:
                "sla": time_sla(args.frame_batch, n, topk, args.block_q, args.block_k)}
         print(f"frame: {json.dumps(row)}", flush=True)
         sweep.append(row)
+        save(result)
     for block_q, block_k in args.extra_blocks:
         for topk in args.extra_topk:
             n = args.extra_frames * TOKENS_PER_FRAME
@@ -321,7 +325,35 @@ def run(args) -> dict:
             row["flex"] = time_flex(1, n, topk, block_q, block_k)
             print(f"blocks {block_q}x{block_k}: {json.dumps(row)}", flush=True)
             sweep.append(row)
-    result["sweep"] = sweep
+            save(result)
+    return result
+
+
+def result_from_log(path: Path, device: str) -> dict:
+    """Rebuild the result of a run from its log (what the script prints as it goes): for runs
+    from before the JSON was saved after each measurement, cut by a time limit. Rows whose
+    measurement had not finished are absent."""
+    import ast
+    import re
+
+    result: dict = {"command": f"(rebuilt from {path.name})", "device": device, "block": [128, 64],
+                    "correctness": {}, "sweep": []}
+    sdpa, pending = None, None
+    for line in path.read_text().splitlines():
+        if m := re.match(r"correctness (\S+): (\{.*\})$", line):
+            result["correctness"][m[1]] = ast.literal_eval(m[2])
+        elif m := re.match(r"global N=(\d+): sdpa (\{.*\})$", line):
+            n, sdpa = int(m[1]), ast.literal_eval(m[2])
+        elif m := re.match(r"\s+topk=([\d.]+): sla (\{.*\})$", line):
+            pending = {"scope": "global", "frames": n // TOKENS_PER_FRAME, "N": n, "batch": 1,
+                       "topk": float(m[1]), "sdpa": sdpa, "sla": json.loads(m[2])}
+        elif m := re.match(r"\s+topk=([\d.]+): flex (.*)$", line):
+            flex = json.loads(m[2])
+            if flex is not None:  # printed as null where FlexAttention was not run
+                pending["flex"] = flex
+            result["sweep"].append(pending)
+        elif m := re.match(r"(?:frame|blocks \d+x\d+): (\{.*\})$", line):
+            result["sweep"].append(json.loads(m[1]))
     return result
 
 
@@ -401,11 +433,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 frames, topk 0.1, no extras")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--plot-only", type=Path, help="redraw the PNG from a JSON result")
+    parser.add_argument("--from-log", type=Path, help="rebuild the JSON and PNG from a run's log (into --out)")
+    parser.add_argument("--device-name", default="GPU", help="with --from-log: the GPU the log is from")
     args = parser.parse_args()
 
     if args.plot_only:
         result = json.loads(args.plot_only.read_text())
         plot(result, args.plot_only.with_suffix(".png"))
+        print(summary_table(result))
+        return
+    stem = "sla_kernel" + (f"_{args.tag}" if args.tag else "")
+    if args.from_log:
+        result = result_from_log(args.from_log, args.device_name)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        plot(result, args.out / f"{stem}.png")
         print(summary_table(result))
         return
     if not torch.cuda.is_available():
@@ -414,11 +456,14 @@ def main() -> None:
         args.frames, args.topk, args.frame_topk, args.extra_blocks = [32], [0.1], [0.25], []
         args.correct_frames = 8
     started = time.time()
-    result = run(args)
-    result["wall_s"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "sla_kernel" + (f"_{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+
+    def save(result: dict) -> None:
+        result["wall_s"] = time.time() - started
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+
+    result = run(args, save)
+    save(result)
     try:
         plot(result, args.out / f"{stem}.png")
     except ImportError as error:

@@ -184,3 +184,34 @@ def test_expected_linear_time_uses_fp8_rate_for_fp8_layers_only():
     expected = gemm.expected_linear_ms(calls, {"blocks.0.fc1"}, rates, ("head",))
     assert expected == {"calls": 2, "fp8_calls": 1, "bf16_ms": 5.0, "fp8_student_ms": 4.0}
     assert gemm.shapes_of(calls, ("head",)) == {(16, 32, 64, True), (16, 64, 32, True)}
+
+
+def test_compile_watch_reports_frames_compiled_during_the_timed_calls():
+    # A guard that fails on every call (here: a global read by the compiled function changes)
+    # makes every "timed" call a compile; the watch must say so instead of reporting a latency.
+    from lite3r_compile.bench.timing import time_forward
+    from lite3r_compile.bench.variants import CompileWatch
+
+    state = {"offset": 0}
+
+    @torch.compile(backend="eager", dynamic=False)
+    def shifted(x):
+        return x + state["offset"]
+
+    def call():
+        state["offset"] += 1
+        return shifted(torch.ones(2))
+
+    def steady():
+        return shifted(torch.ones(2))
+
+    torch._dynamo.reset()
+    with CompileWatch() as watch:
+        time_forward(call, torch.device("cpu"), target_s=0.0, min_iters=3, max_iters=3, after_warmup=watch.mark_warm)
+    assert watch.summary()["frames_compiled_while_timed"] == 3
+
+    torch._dynamo.reset()
+    with CompileWatch() as watch:
+        time_forward(steady, torch.device("cpu"), target_s=0.0, min_iters=3, max_iters=3, after_warmup=watch.mark_warm)
+    assert watch.summary()["frames_compiled_while_timed"] == 0
+    assert watch.graphs == 1

@@ -110,3 +110,31 @@ def test_sla_kernel_benchmark_calls_the_current_kernel_api():
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "block_statistics_ms" in done.stdout and done.stdout.strip().endswith("2 5")
+
+
+def test_sla_kernel_results_are_rebuilt_from_a_log_cut_by_a_time_limit(tmp_path):
+    sla_kernel = _script("sla_kernel")
+    sla = {"fwd_ms": 2.0, "fwd_bwd_ms": 9.0, "fwd_graph_ms": 1.9, "kernel_tflops_on_computed_blocks": 300.0,
+           "overhead_fraction": 0.2}
+    frame = {"scope": "frame", "frames": 1, "N": 1374, "batch": 32, "topk": 0.25,
+             "sdpa": {"fwd_ms": 0.9, "fwd_bwd_ms": 4.0}, "sla": sla}
+    log = tmp_path / "kernels.log"
+    log.write_text("\n".join([
+        "correctness global_fwd: {'N': 43968, 'o': 0.0017}",
+        "global N=43968: sdpa {'fwd_ms': 25.0, 'fwd_bwd_ms': 95.8}",
+        f"  topk=0.1: sla {json.dumps(sla)}",
+        "  topk=0.1: flex null",
+        f"  topk=0.2: sla {json.dumps(sla)}",
+        '  topk=0.2: flex {"fwd_ms": 4.4}',
+        f"  topk=0.5: sla {json.dumps(sla)}",  # cut here: no flex line, the row never finished
+        f"frame: {json.dumps(frame)}",
+        "Traceback (most recent call last):",
+    ]))
+    result = sla_kernel.result_from_log(log, "NVIDIA H200")
+    assert result["correctness"] == {"global_fwd": {"N": 43968, "o": 0.0017}}
+    global_rows = [r for r in result["sweep"] if r["scope"] == "global"]
+    assert [(r["N"], r["frames"], r["topk"]) for r in global_rows] == [(43968, 32, 0.1), (43968, 32, 0.2)]
+    assert "flex" not in global_rows[0] and global_rows[1]["flex"] == {"fwd_ms": 4.4}
+    assert global_rows[0]["sdpa"]["fwd_ms"] == 25.0
+    assert result["sweep"][-1] == frame
+    assert "frame" in sla_kernel.summary_table(result)

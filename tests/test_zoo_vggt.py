@@ -348,6 +348,20 @@ def test_vggt_traces_as_one_graph():
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
+
+def test_vggt_traces_as_one_graph_where_autocast_availability_is_opaque(monkeypatch):
+    # Under torch 2.11 with CUDA inputs Dynamo cannot trace torch.amp.is_autocast_available: the
+    # heads' autocast guard was a graph break, and the resumed frame recompiled on every call
+    # (3-4 s a call of VGGT-1B). Made opaque here (a disabled function breaks the graph as that
+    # builtin does), the model must still trace as one graph.
+    opaque = torch._dynamo.disable(torch.amp.is_autocast_available)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", opaque)
+    torch._dynamo.reset()
+    model = models_zoo.create("vggt-tiny").eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(*model.example_inputs())
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
 def test_position_getter_grid_order():
     pos = PositionGetter()(2, 2, 3, device="cpu")
     assert tuple(pos.shape) == (2, 6, 2)

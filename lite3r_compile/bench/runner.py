@@ -336,7 +336,7 @@ class Benchmark:
             with warnings.catch_warnings(record=True) as caught, torch.no_grad(), CompileWatch() as watch:
                 warnings.simplefilter("always")
                 timing = time_forward(call, self.device, target_s=cfg.target_s, min_iters=cfg.min_iters,
-                                      max_iters=cfg.max_iters)
+                                      max_iters=cfg.max_iters, after_warmup=watch.mark_warm)
             messages = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
             backend = backend_info(module, watch, messages)
             own_bytes = weight_bytes(resident_modules(module if variant != "dense_compiled" else teacher))
@@ -353,6 +353,9 @@ class Benchmark:
             log(f"  {model} S={frames} {variant}: {record['latency_ms']:.2f} ms, "
                 f"first call {record['first_call_s']:.1f} s, ran {backend['ran']}"
                 + (f", peak {record['peak_bytes'] / 2**30:.2f} GiB" if record["peak_bytes"] else ""))
+            if backend["frames_compiled_while_timed"]:
+                log(f"  WARNING {model} S={frames} {variant}: Dynamo compiled {backend['frames_compiled_while_timed']} "
+                    "frame(s) during the timed calls (a guard fails on every call): the latency includes compile work")
 
             if variant == "dense_eager":
                 self.teacher_outputs[(model, frames)] = outputs

@@ -64,10 +64,13 @@ def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]
 
 
 def time_forward(fn: Callable[[], Any], device: torch.device, *, target_s: float = 2.0,
-                 min_iters: int = 3, max_iters: int = 20) -> Timing:
-    """Warm up, then time ``fn`` (see the module docstring). ``min_iters`` may be 1 (tests)."""
+                 min_iters: int = 3, max_iters: int = 20, after_warmup: Callable[[], None] | None = None) -> Timing:
+    """Warm up, then time ``fn`` (see the module docstring). ``min_iters`` may be 1 (tests).
+    ``after_warmup`` is called once the two warm-up calls are done, before the timed ones."""
     first_s, _ = timed_call(fn, device)
     second_s, output = timed_call(fn, device)
+    if after_warmup is not None:
+        after_warmup()
     iters = max(min_iters, min(max_iters, math.ceil(target_s / max(second_s, 1e-6))))
 
     release_memory(device)

@@ -137,6 +137,7 @@ class CompileWatch:
 
         self.graphs = 0
         self.graph_breaks = 0
+        self.frames_after_warmup: int | None = None
         self.break_reasons: dict[str, int] = {}
         self.log_messages: list[str] = []
         watch = self
@@ -156,10 +157,22 @@ class CompileWatch:
 
         return int(counters["stats"].get("unique_graphs", 0)), dict(counters["graph_break"])
 
+    @staticmethod
+    def _frames() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["frames"].get("total", 0))
+
+    def mark_warm(self) -> None:
+        """Call after the warm-up calls: Dynamo converting frames after this point (a guard that
+        fails on every call) means the timed calls include compile work."""
+        self._frames_warm = self._frames()
+
     def __enter__(self) -> "CompileWatch":
         import logging
 
         self._graphs0, self._breaks0 = self._counts()
+        self._frames_warm: int | None = None
         for name in self.LOGGERS:
             logging.getLogger(name).addHandler(self._handler)
         return self
@@ -171,6 +184,7 @@ class CompileWatch:
             logging.getLogger(name).removeHandler(self._handler)
         graphs, breaks = self._counts()
         self.graphs = graphs - self._graphs0
+        self.frames_after_warmup = None if self._frames_warm is None else self._frames() - self._frames_warm
         delta = {k: v - self._breaks0.get(k, 0) for k, v in breaks.items() if v > self._breaks0.get(k, 0)}
         self.graph_breaks = sum(delta.values())
         top = sorted(delta.items(), key=lambda kv: -kv[1])[:5]
@@ -178,7 +192,8 @@ class CompileWatch:
 
     def summary(self) -> dict[str, Any]:
         return {"graphs_compiled": self.graphs, "graph_breaks": self.graph_breaks,
-                "graph_break_reasons": self.break_reasons, "compile_log": self.log_messages}
+                "graph_break_reasons": self.break_reasons, "compile_log": self.log_messages,
+                "frames_compiled_while_timed": self.frames_after_warmup}
 
 
 def backend_info(module: nn.Module, watch: CompileWatch, caught: list[str]) -> dict[str, Any]:

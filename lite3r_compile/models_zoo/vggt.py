@@ -546,7 +546,11 @@ def _check_layer_indices(head_name: str, indices: tuple[int, ...], depth: int) -
 
 def _autocast_disabled(device_type: str):
     """Upstream runs the heads with CUDA autocast off; the same for whatever device autocast runs on."""
-    if torch.amp.is_autocast_available(device_type):
+    # Dynamo cannot trace is_autocast_available (a C builtin): on CUDA the call was a graph break,
+    # and the resumed frame guarded on the fresh context object of each call, so it recompiled on
+    # every call (3-4 s a call of VGGT-1B, benchmarks/NOTES.md). Every device Dynamo compiles for
+    # has autocast.
+    if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return nullcontext()
 
