@@ -38,7 +38,7 @@ stage() {
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
         --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
-    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --time-budget-s $((limit - 45)) --out "$dir" ;;
+    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --bf16-dense-heads --time-budget-s $((limit - 45)) --out "$dir" ;;
     teacher) python benchmarks/train_teacher.py --minutes 8 --out "$dir" ;;
     quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;

@@ -10,6 +10,10 @@ against the dense teacher trained by ``benchmarks/train_teacher.py``:
   default): each without distillation (``proj_l`` at its zero
   initialisation: block-sparse attention) and distilled for ``--steps`` steps with
   :func:`lite3r_compile.distill` (partial attention distillation at the global sites + outputs);
+- ``bf16 dense heads``: the teacher with its depth and point heads in bfloat16
+  (``LiteConfig.bf16_heads``, evaluated in the deployed form, where that option acts), the same
+  with the camera head too, and the main configuration distilled with the dense heads in
+  bfloat16: what the heads' precision costs;
 - ``--full-finetune``: the main configuration with every parameter trained (the baseline the
   projections-only recipe is measured against), at ``--full-lr``;
 - FP8 sensitivity: ``sla+fp8@0.1`` distilled, with the ``--keep`` most FP8-sensitive blocks in
@@ -43,6 +47,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -55,6 +60,7 @@ import torch
 from torch import nn
 
 from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
+from lite3r_compile.backends.deploy import deploy
 from lite3r_compile.distill.evaluate import evaluate
 from lite3r_compile.distill.synthetic import RenderedScenes, SyntheticSceneConfig
 from lite3r_compile.distill.trainer import DistillConfig, distill
@@ -62,6 +68,8 @@ from lite3r_compile.sensitivity import block_globs, fp8_sensitivity
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("depth_abs_rel", "depth_delta_1.25", "points_chamfer", "camera_auc@30")
+# the teacher's heads that predict per-pixel maps: the ones worth running in bfloat16
+DENSE_HEADS = ("depth_head", "point_head")
 
 
 def _train_teacher_module():
@@ -84,6 +92,7 @@ class Variant:
     steps: int = 0  # distillation steps; 0: --steps
     log_drift: bool = False  # log its projections every step (the main run and the long run)
     trainable: str = "sla"  # DistillConfig.trainable: "all" is full fine-tuning (the baseline)
+    deployed: bool = False  # evaluate the deployed form (what LiteConfig.bf16_heads changes), not the eager student
 
 
 def main_variant_name(topk: float) -> str:
@@ -110,6 +119,14 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
                            LiteConfig(sla=sla, fp8=FP8Config(keep_high_precision=keep), sla_scopes=scopes), True, f"keep{keep}"))
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} least sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(exclude=block_globs(least)), sla_scopes=scopes), True, f"keep{keep}"))
+    sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+    out.append(Variant("bf16 dense heads", LiteConfig(sla_scopes=(), fp8=no_fp8, bf16_heads=DENSE_HEADS), False,
+                       "bf16 dense heads", deployed=True))
+    out.append(Variant("bf16 heads, camera head too", LiteConfig(sla_scopes=(), fp8=no_fp8, bf16_heads=("*",)), False,
+                       "bf16 heads", deployed=True))
+    out.append(Variant(f"{main_variant_name(main_topk)}, bf16 dense heads",
+                       LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes, bf16_heads=DENSE_HEADS), True,
+                       f"sla+fp8@{main_topk}, bf16 dense heads", deployed=True))
     if long_steps:
         sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
         out.append(Variant(f"{main_variant_name(main_topk)}, {long_steps} steps",
@@ -136,6 +153,10 @@ def build_student(teacher: nn.Module, variant: Variant, example: torch.Tensor, d
                                               trainable=variant.trainable))
         record = {"steps": steps, "losses": result.losses, "attention_losses": result.attention_losses,
                   "seconds_per_step": result.seconds_per_step}
+    if variant.deployed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FP8 emulation on a CPU
+            return deploy(student.eval(), "fp8", compile=False), record
     return student.eval(), record
 
 
@@ -310,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
     result = {
-        "command": " ".join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "teacher": str(teacher_path), "teacher_record": {k: record[k] for k in ("arch", "sampling", "steps") if k in record},
         "eval_scenes": args.eval_scenes, "steps": args.steps, "main_variant": main_name,

@@ -126,6 +126,11 @@ class LiteConfig:
     ``fp8``: see :class:`FP8Config`.
     ``trainable``: parameter-name globs left trainable in addition to the SLA ``proj_l`` weights
     and biases (everything else is frozen).
+    ``bf16_heads``: globs of head paths (modules named by :data:`HEAD_NAME_GLOBS`, e.g.
+    ``("depth_head", "point_head")``; ``("*",)`` for every head) that the deployed form
+    (backends ``"fp8"`` and ``"inductor"``) runs in bfloat16 instead of the float32 VGGT and DA3
+    give their heads (:mod:`lite3r_compile.backends.head_precision`). The eager student and
+    distillation keep the heads as they are.
     """
 
     sla: SLAConfig = field(default_factory=SLAConfig)
@@ -135,13 +140,14 @@ class LiteConfig:
     sla_exclude: tuple[str, ...] = ()
     sla_overrides: tuple[tuple[str, SLAConfig], ...] = ()
     trainable: tuple[str, ...] = ()
+    bf16_heads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.sla, SLAConfig):
             raise TypeError(f"LiteConfig.sla must be an SLAConfig, got {type(self.sla).__name__}")
         if not isinstance(self.fp8, FP8Config):
             raise TypeError(f"LiteConfig.fp8 must be an FP8Config, got {type(self.fp8).__name__}")
-        for name in ("sla_scopes", "sla_include", "sla_exclude", "trainable"):
+        for name in ("sla_scopes", "sla_include", "sla_exclude", "trainable", "bf16_heads"):
             _as_globs(self, name)
         unknown = [s for s in self.sla_scopes if s not in SCOPES]
         if unknown:

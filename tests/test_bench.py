@@ -84,6 +84,20 @@ def test_bench_vggt_tiny_every_variant(tmp_path):
     assert result["plot"].get("path") or result["plot"].get("skipped")
 
 
+def test_bench_students_with_bfloat16_heads_deploy_them(tmp_path):
+    # the fp8 backend on a CPU runs the deployed form uncompiled: its heads are the bf16 ones
+    result = _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "student_fp8_sla",
+                  "--student-backend", "fp8", "--bf16-dense-heads", "--no-exact-check", "--no-plot")
+    assert result["config"]["students"]["bf16_dense_heads"] is True
+    student = next(r for r in result["runs"] if r["variant"] == "student_fp8_sla")
+    assert "error" not in student, student["error"]
+    assert student["backend"]["deployed"]["bf16_heads"] == 2  # the depth and point heads
+    # the heads' outputs (the random-weight camera head amplifies the deployed FP8 GEMMs' float32
+    # rounding against the bf16 fake-quant ones to ~4e-2 with or without bf16 heads: not checked)
+    errors = student["error_vs_eager_student"]["per_key"]
+    assert errors["depth"] < 1e-2 and errors["world_points"] < 1e-2, errors
+
+
 def test_bench_da3_tiny_skips_what_does_not_fit(tmp_path):
     # a compile estimate far beyond the budget: the compiled variant is skipped, with the reason
     result = _run(tmp_path, "--models", "da3-tiny", "--compile-estimate-s", "1e9", "--no-plot")

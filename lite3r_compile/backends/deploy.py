@@ -14,6 +14,8 @@
   FP8 inputs); the record lists them with the reason;
 - ``backend="inductor"``: the same without FP8 lowering: fake-quant layers keep the arithmetic the
   student was trained with (e4m3 rounding, high-precision GEMMs), fused by Inductor;
+- ``LiteConfig.bf16_heads`` (both backends): the float32 heads it names run in bfloat16
+  (:mod:`lite3r_compile.backends.head_precision`);
 - SLA runs as the ``lite3r::sla_forward`` custom op, an opaque node Inductor schedules around
   (Triton kernels on CUDA, the reference elsewhere); everything else goes through Inductor, with
   CUDA graphs on request. Graph breaks are reported (``GraphBreakWarning``), never hidden.
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from lite3r_compile.backends.fp8_linear import Float8Linear, has_fp8_gemm
+from lite3r_compile.backends.head_precision import lower_head_precision
 from lite3r_compile.passes.fp8_qat import FP8FakeQuantLinear
 
 DEPLOY_BACKENDS: tuple[str, ...] = ("fp8", "inductor")
@@ -51,7 +54,9 @@ class DeployRecord:
     """What :func:`deploy` did. ``float8_layers``: paths lowered to ``Float8Linear``;
     ``fake_quant_layers``: (path, why) of fake-quant layers left as they are; ``fp8_emulated``:
     FP8 GEMMs are emulated (no GPU of compute capability >= 8.9); ``compiled``: the module runs
-    through ``torch.compile`` (Inductor); ``cuda_graphs``: Inductor's CUDA graphs are on."""
+    through ``torch.compile`` (Inductor); ``cuda_graphs``: Inductor's CUDA graphs are on;
+    ``bf16_heads``: heads lowered to bfloat16, ``heads_kept``: (path, why) of heads left as they
+    are (both empty unless ``LiteConfig.bf16_heads`` names some)."""
 
     backend: str
     float8_layers: list[str] = field(default_factory=list)
@@ -59,30 +64,38 @@ class DeployRecord:
     fp8_emulated: bool = False
     compiled: bool = True
     cuda_graphs: bool = False
+    bf16_heads: list[str] = field(default_factory=list)
+    heads_kept: list[tuple[str, str]] = field(default_factory=list)
 
 
 class DeployedStudent(nn.Module):
     """The deployed (inference) form of a student: ``module`` is the lowered copy, calls go
     through its compiled form. Shares storage with the student; :meth:`refresh` re-quantizes the
-    FP8 weights in place after the student's weights changed (no recompilation)."""
+    FP8 weights and re-casts the bfloat16 heads in place after the student's weights changed (no
+    recompilation)."""
 
     def __init__(self, module: nn.Module, record: DeployRecord, sources: list[tuple[Float8Linear, nn.Linear]],
-                 runner: Any) -> None:
+                 runner: Any, casts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.module = module
         self.record = record
         # Plain attributes (not submodules): the student's layers and the compiled wrapper must
         # not show up in this module's state dict or parameters.
         self.__dict__["_sources"] = sources
+        self.__dict__["_casts"] = casts or []
         self.__dict__["_runner"] = runner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._runner(*args, **kwargs)
 
     def refresh(self) -> None:
-        """Re-quantize every ``Float8Linear`` from the student layer it was lowered from."""
+        """Re-quantize every ``Float8Linear`` from the student layer it was lowered from, and
+        re-cast every bfloat16 head tensor from the student's."""
         for layer, source in self._sources:
             layer.quantize_from(source)
+        with torch.no_grad():
+            for low, source in self._casts:
+                low.copy_(source)
 
 
 def model_device(module: nn.Module) -> torch.device:
@@ -189,9 +202,14 @@ def deploy(
         warnings.warn(f"deploy: cuda_graphs=True ignored: the student is on {device}, not a CUDA GPU",
                       UserWarning, stacklevel=2)
         cuda_graphs = False
+    casts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    lite_record = getattr(student, "lite3r_record", None)
+    if lite_record is not None and lite_record.config.bf16_heads:
+        record.bf16_heads, casts = lower_head_precision(module, student, lite_record.config.bf16_heads,
+                                                        torch.bfloat16, record.heads_kept)
     record.cuda_graphs = cuda_graphs and compile
     runner = compile_for_inference(module, cuda_graphs=cuda_graphs, dynamic=dynamic) if compile else module
-    return DeployedStudent(module, record, sources, runner)
+    return DeployedStudent(module, record, sources, runner, casts)
 
 
 def compile_for_inference(module: nn.Module, *, cuda_graphs: bool = False, dynamic: bool | None = None) -> Any:

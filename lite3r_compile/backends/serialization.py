@@ -65,7 +65,8 @@ def config_from_json(text: str) -> LiteConfig:
         sla=SLAConfig(**data.pop("sla")),
         fp8=FP8Config(**data.pop("fp8")),
         sla_overrides=overrides,
-        **{name: tuple(value) for name, value in data.items()},
+        # JSON has lists where the config has tuples of globs
+        **{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()},
     )
 
 

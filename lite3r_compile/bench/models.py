@@ -32,8 +32,9 @@ MARKER_KERNEL = "spin_kernel"
 @dataclass(frozen=True)
 class ModelSpec:
     """One benchmarked model: a zoo ``preset`` with constructor ``overrides``, the names of its head
-    submodules (run in float32), the image side length, the frame counts run by default, and the
-    output keys that are inputs passed through (not compared)."""
+    submodules (run in float32), the image side length, the frame counts run by default, the
+    output keys that are inputs passed through (not compared), and the heads that predict
+    per-pixel maps (``dense_heads``: the ones ``--bf16-dense-heads`` runs in bfloat16)."""
 
     preset: str
     heads: tuple[str, ...]
@@ -41,6 +42,7 @@ class ModelSpec:
     frames: tuple[int, ...]
     overrides: dict[str, Any] = field(default_factory=dict)
     passthrough_outputs: tuple[str, ...] = ()
+    dense_heads: tuple[str, ...] = ()
 
 
 # VGGT without the track head (it runs only with query points): aggregator, camera, depth and
@@ -48,11 +50,11 @@ class ModelSpec:
 # with known cameras.
 MODELS: dict[str, ModelSpec] = {
     "vggt-1b": ModelSpec("vggt-1b", ("camera_head", "depth_head", "point_head"), 518, (8, 32, 1),
-                         {"enable_track": False}, ("images", "pose_enc_list")),
-    "da3-large": ModelSpec("da3-large", ("head", "cam_dec"), 518, (8, 32)),
+                         {"enable_track": False}, ("images", "pose_enc_list"), ("depth_head", "point_head")),
+    "da3-large": ModelSpec("da3-large", ("head", "cam_dec"), 518, (8, 32), dense_heads=("head",)),
     "vggt-tiny": ModelSpec("vggt-tiny", ("camera_head", "depth_head", "point_head"), 28, (1, 2),
-                           {"enable_track": False}, ("images", "pose_enc_list")),
-    "da3-tiny": ModelSpec("da3-tiny", ("head", "cam_dec"), 28, (1, 2)),
+                           {"enable_track": False}, ("images", "pose_enc_list"), ("depth_head", "point_head")),
+    "da3-tiny": ModelSpec("da3-tiny", ("head", "cam_dec"), 28, (1, 2), dense_heads=("head",)),
 }
 
 
@@ -116,17 +118,28 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
 
 
 class Float32Head(nn.Module):
-    """A head run in float32 behind a bf16 backbone: casts its floating-point inputs to float32,
-    marks the start of the head for the profiler (:func:`head_marker`, after the last tensor of
-    the head's first argument: the backbone's last layer) and calls ``module``."""
+    """A head run in float32 behind a bf16 backbone, as upstream runs it: casts its floating-point
+    inputs to its parameters' dtype (float32 as built; bfloat16 once a deployment with
+    ``LiteConfig.bf16_heads`` lowered it), marks the start of the head for the
+    profiler (:func:`head_marker`, after the last tensor of the head's first argument: the
+    backbone's last layer) and calls ``module``."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__()
         self.head_name = name
         self.module = module.float()
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype holding most of the head's parameters (an SLA projection inside it stays
+        float32 whatever the head runs in)."""
+        count: dict[torch.dtype, int] = {}
+        for p in self.module.parameters():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+        return max(count, key=count.get) if count else torch.float32
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = cast_floats(args, torch.float32), cast_floats(kwargs, torch.float32)
+        dtype = self.compute_dtype()
+        args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
         after = _last_tensor(args[:1])
         if after is not None:
             token = head_marker(after, self.head_name)

@@ -284,7 +284,8 @@ class Benchmark:
         if names:
             example = (make_images(spec, 2, self.device, seed=cfg.seed),)
             try:
-                students = build_students(teacher, names, cfg.students, example, references=cfg.correctness)
+                students = build_students(teacher, names, cfg.students, example, references=cfg.correctness,
+                                          dense_heads=spec.dense_heads)
                 info["students_build_s"] = students.build_s
                 info["lite_warnings"] = students.warnings
                 log(f"  lite(): {len(names)} students in {students.build_s:.1f} s")

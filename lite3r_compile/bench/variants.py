@@ -40,23 +40,28 @@ EXACT_STUDENT = "student_exact"
 @dataclass(frozen=True)
 class StudentOptions:
     """How the students are built: SLA ``topk`` and the attention ``sla_scopes`` that get SLA;
-    ``backend``, when set, replaces every student's backend (``"eager"`` runs them uncompiled, for
-    tests on a CPU)."""
+    ``bf16_dense_heads``: the timed students run the model's dense-prediction heads in bfloat16
+    (``LiteConfig.bf16_heads``; the exact student keeps them as they are); ``backend``, when set,
+    replaces every student's backend (``"eager"`` runs them uncompiled, for tests on a CPU)."""
 
     topk: float = 0.1
     sla_scopes: tuple[str, ...] = ("global",)
     backend: str | None = None
+    bf16_dense_heads: bool = False
 
 
-def student_plan(variant: str, options: StudentOptions) -> tuple[str, Any]:
-    """(backend, LiteConfig) of a student variant (or of :data:`EXACT_STUDENT`)."""
+def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, ...] = ()) -> tuple[str, Any]:
+    """(backend, LiteConfig) of a student variant (or of :data:`EXACT_STUDENT`); ``dense_heads``:
+    the model's dense-prediction heads (:class:`models.ModelSpec`)."""
     from lite3r_compile import FP8Config, LiteConfig, SLAConfig
 
-    sla = SLAConfig(topk=options.topk)
+    sla, heads = SLAConfig(topk=options.topk), dense_heads if options.bf16_dense_heads else ()
     plans = {
-        "student_fp8_sla": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=options.sla_scopes)),
-        "student_fp8_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=())),
-        "student_sla_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=False), sla_scopes=options.sla_scopes)),
+        "student_fp8_sla": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=options.sla_scopes,
+                                              bf16_heads=heads)),
+        "student_fp8_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=(), bf16_heads=heads)),
+        "student_sla_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=False), sla_scopes=options.sla_scopes,
+                                               bf16_heads=heads)),
         EXACT_STUDENT: ("fp8", LiteConfig(sla=SLAConfig(topk=1.0), fp8=FP8Config(enabled=False),
                                                sla_scopes=options.sla_scopes)),
     }
@@ -79,7 +84,7 @@ class Students:
 
 
 def build_students(teacher: nn.Module, names: list[str], options: StudentOptions, example_inputs: tuple,
-                   *, references: bool) -> Students:
+                   *, references: bool, dense_heads: tuple[str, ...] = ()) -> Students:
     """Every student in ``names`` and (with ``references``) its eager fake-quant twin, sharing the
     teacher's weights. Students of one backend come from one capture of the teacher
     (``lite_variants``); a reference whose backend and config equal its student's is that student."""
@@ -89,7 +94,7 @@ def build_students(teacher: nn.Module, names: list[str], options: StudentOptions
 
     wanted: dict[tuple[str, str], tuple[str, Any]] = {}
     for name in names:
-        backend, config = student_plan(name, options)
+        backend, config = student_plan(name, options, dense_heads)
         wanted[(name, "timed")] = (backend, config)
         if references and name != EXACT_STUDENT:
             wanted[(name, "reference")] = ("eager", config)

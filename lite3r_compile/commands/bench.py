@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=float, default=0.1, help="SLA critical-block fraction (default 0.1)")
     parser.add_argument("--sla-scopes", nargs="+", default=["global"], choices=("frame", "global", "cross", "self"),
                         help="attention scopes that get SLA (default: global)")
+    parser.add_argument("--bf16-dense-heads", action="store_true",
+                        help="the timed students run the dense-prediction heads (VGGT's depth and point heads, "
+                             "DA3's DualDPT) in bfloat16 (LiteConfig.bf16_heads); default: float32 as the model")
     parser.add_argument("--student-backend", default=None, choices=("fp8", "inductor", "eager"),
                         help="build every student with this lite() backend (default fp8; eager runs them uncompiled, for CPU tests)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -59,7 +62,8 @@ def config_from_args(args: argparse.Namespace):
         models=tuple(args.models), frames=tuple(args.frames) if args.frames else None,
         variants=tuple(args.variants), out=args.out, name=args.name, device=args.device,
         time_budget_s=args.time_budget_s,
-        students=StudentOptions(topk=args.topk, sla_scopes=tuple(args.sla_scopes), backend=args.student_backend),
+        students=StudentOptions(topk=args.topk, sla_scopes=tuple(args.sla_scopes), backend=args.student_backend,
+                                bf16_dense_heads=args.bf16_dense_heads),
         compile_backend=args.compile_backend, breakdown_frames=tuple(args.breakdown_frames),
         correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
         image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,
