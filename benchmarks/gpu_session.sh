@@ -8,12 +8,16 @@
 #   bash benchmarks/gpu_session.sh distill                # next call (within 30 s keeps the machine warm)
 #   bash benchmarks/gpu_session.sh distill:360 kernels:220  # NAME:SECONDS replaces a stage's limit
 #
+# `e2e` runs its most important runs first and saves after each; one call fits about three compiled
+# VGGT-1B runs (a compile takes ~3 minutes). To go on in the next call, copy $OUT/e2e/e2e.json into
+# the working tree and name it: E2E_RESUME=benchmarks/results/e2e_partial.json bash ... e2e
+#
 # `quality` studies the teacher in benchmarks/assets (the committed one, trained on a CPU at
 # 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224).
 #
 # Triton compiles and autotunes every kernel shape on its first call (benchmarks/NOTES.md, cold
 # start: 14-30 s a shape). The cache lives in ./.triton_cache (git-ignored) and is packed into
-# $OUT/triton_cache.tar at the end: unpack it here into .triton_cache and name it in the device
+# $OUT/triton_cache.tar.gz at the end: unpack it here into .triton_cache and name it in the device
 # tool's `carry` so the next machine starts warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +42,8 @@ stage() {
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
         --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
-    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --bf16-dense-heads --time-budget-s $((limit - 45)) --out "$dir" ;;
+    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --bf16-dense-heads --time-budget-s $((limit - 45)) \
+        ${E2E_RESUME:+--resume "$E2E_RESUME"} --out "$dir" ;;
     teacher) python benchmarks/train_teacher.py --minutes 8 --out "$dir" ;;
     quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;
@@ -65,5 +70,6 @@ for arg in "$@"; do
     echo "=== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     [ "$rc" -ne 0 ] && status=$rc
 done
-tar -cf "$OUT/triton_cache.tar" .triton_cache
+# compressed: the plain tar of one session (distill + kernels) was too large to come back
+tar -czf "$OUT/triton_cache.tar.gz" .triton_cache
 exit $status

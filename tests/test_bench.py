@@ -229,3 +229,29 @@ def test_compile_watch_reports_frames_compiled_during_the_timed_calls():
         time_forward(steady, torch.device("cpu"), target_s=0.0, min_iters=3, max_iters=3, after_warmup=watch.mark_warm)
     assert watch.summary()["frames_compiled_while_timed"] == 0
     assert watch.graphs == 1
+
+
+def test_a_result_cut_short_is_resumed_without_running_its_finished_runs_again(tmp_path):
+    first = _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "student_fp8_sla",
+                 "--student-backend", "eager", "--no-plot")
+    previous = tmp_path / "first.json"
+    previous.write_text(json.dumps(first))
+    second = _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "student_fp8_sla",
+                  "student_fp8_only", "--student-backend", "eager", "--no-plot", "--resume", str(previous))
+    runs = {r["variant"]: r for r in second["runs"]}
+    assert set(runs) == {"dense_eager", "student_fp8_sla", "student_fp8_only"}
+    kept = next(r for r in first["runs"] if r["variant"] == "student_fp8_sla")
+    assert runs["student_fp8_sla"] == {**kept, "resumed_from": str(previous)}
+    assert "resumed_from" not in runs["student_fp8_only"] and "resumed_from" not in runs["dense_eager"]
+    assert second["exact_checks"][0]["resumed_from"] == str(previous)
+    assert second["meta"]["resumed_from"] == str(previous)
+
+
+def test_resuming_a_result_of_another_configuration_is_refused_with_the_differences(tmp_path):
+    first = _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "--no-exact-check",
+                 "--no-plot")
+    previous = tmp_path / "first.json"
+    previous.write_text(json.dumps(first))
+    with pytest.raises(SystemExit, match=r"another configuration; students: .*'topk': 0.1.*'topk': 0.2"):
+        _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "--no-plot", "--topk", "0.2",
+             "--resume", str(previous))

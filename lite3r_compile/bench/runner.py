@@ -11,7 +11,11 @@ its own static-shape graphs and the compile time is its own.
 Before each run its duration is estimated from the runs so far (the same variant at another
 frame count, or other variants at this one, plus a compile estimate for compiled variants); a run
 that would not fit in what is left of ``time_budget_s`` is skipped with the reason. The JSON is
-rewritten after every run, so a run cut short by a time limit loses nothing finished.
+rewritten after every run, so a run cut short by a time limit loses nothing finished, and
+``resume`` (``lite3r bench --resume JSON``) continues such a result in another process: its
+finished runs and exact checks are kept as they are and not run again (dense eager always runs
+again: it takes seconds and is every other run's reference), after checking that it was measured
+with the same configuration on the same device.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class BenchConfig:
     min_model_s: float = 60.0
     seed: int = 0
     plot: bool = True
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -160,6 +165,35 @@ class Benchmark:
         self.result["meta"]["dynamo_limits"] = limits
         # dense teacher outputs per (model, frames), on the CPU, for the exact check
         self.teacher_outputs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.previous_runs: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self.previous_exact: dict[str, dict[str, Any]] = {}
+        if config.resume:
+            self.load_previous(Path(config.resume))
+
+    # fields of the configuration that change what a run measures
+    SAME_FOR_RESUME = ("students", "compile_backend", "image_size", "seed", "target_s", "min_iters", "max_iters")
+
+    def load_previous(self, path: Path) -> None:
+        """Keep the finished runs of the result at ``path`` (see the module docstring)."""
+        previous = json.loads(path.read_text())
+        config = self.result["config"]
+        differences = [f"{k}: {previous['config'].get(k)!r} there, {config.get(k)!r} here"
+                       for k in self.SAME_FOR_RESUME if previous["config"].get(k) != config.get(k)]
+        there, here = previous["meta"].get("device_name"), self.result["meta"].get("device_name")
+        if there != here:
+            differences.append(f"device: {there!r} there, {here!r} here")
+        if differences:
+            raise SystemExit(f"lite3r bench --resume {path}: measured under another configuration; "
+                             + "; ".join(differences))
+        for run in previous["runs"]:
+            if "error" not in run and run["variant"] != "dense_eager":
+                self.previous_runs[(run["model"], run["frames"], run["variant"])] = {**run, "resumed_from": str(path)}
+        for entry in previous["exact_checks"]:
+            if "max" in entry:
+                self.previous_exact[entry["model"]] = {**entry, "resumed_from": str(path)}
+        self.result["meta"]["resumed_from"] = str(path)
+        log(f"lite3r bench: resuming {path}: {len(self.previous_runs)} runs and {len(self.previous_exact)} "
+            "exact checks kept")
 
     # ------------------------------------------------------------------ bookkeeping
     def left_s(self) -> float:
@@ -298,6 +332,11 @@ class Benchmark:
             if variant in STUDENT_VARIANTS and students is None:
                 self.skip(model, s, variant, "lite() failed: " + info.get("students_error", "no students"))
                 continue
+            kept = self.previous_runs.get((model, s, variant))
+            if kept is not None:
+                self.result["runs"].append(kept)
+                log(f"  {model} S={s} {variant}: {kept['latency_ms']:.2f} ms (kept from {kept['resumed_from']})")
+                continue
             compiled = self.is_compiled(variant, students)
             need = self.estimate_s(model, s, variant, compiled)
             if need > self.left_s():
@@ -307,7 +346,9 @@ class Benchmark:
             self.result["runs"].append(record)
             self.save()
 
-        if cfg.exact_check and students is not None:
+        if cfg.exact_check and model in self.previous_exact:
+            self.result["exact_checks"].append(self.previous_exact[model])
+        elif cfg.exact_check and students is not None:
             self.exact_check(model, spec, min(frames), teacher, students)
         elif cfg.exact_check:
             entry = {"model": model, "frames": min(frames), "threshold": EXACT_ERROR_MAX,

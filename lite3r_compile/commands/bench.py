@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile time assumed before one is measured, for the budget (default 90)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--resume", default=None, metavar="JSON",
+                        help="continue a result cut short: keep its finished runs (same configuration and device), "
+                             "run the rest")
     parser.add_argument("--replot", default=None, metavar="JSON",
                         help="run nothing: redraw the PNG and reprint the tables of an existing result JSON")
 
@@ -67,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
         compile_backend=args.compile_backend, breakdown_frames=tuple(args.breakdown_frames),
         correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
         image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,
-        compile_estimate_s=args.compile_estimate_s, seed=args.seed, plot=not args.no_plot,
+        compile_estimate_s=args.compile_estimate_s, seed=args.seed, plot=not args.no_plot, resume=args.resume,
     )
 
 
