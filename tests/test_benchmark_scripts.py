@@ -138,3 +138,15 @@ def test_sla_kernel_results_are_rebuilt_from_a_log_cut_by_a_time_limit(tmp_path)
     assert global_rows[0]["sdpa"]["fwd_ms"] == 25.0
     assert result["sweep"][-1] == frame
     assert "frame" in sla_kernel.summary_table(result)
+
+
+def test_compile_overhead_builds_a_shortened_vggt_1b_at_full_width():
+    compile_overhead = _script("compile_overhead")
+    spec, model = compile_overhead.build(1, torch.device("cpu"))
+    assert model.aggregator.frame_blocks[0].attn.qkv.in_features == 1024  # VGGT-1B's width
+    assert len(model.aggregator.frame_blocks) == 1
+    from lite3r_compile.bench.models import make_images
+
+    with torch.no_grad():
+        out = model(make_images(spec, 1, "cpu"))
+    assert out["depth"].shape == (1, 1, 518, 518, 1) and torch.isfinite(out["depth"]).all()
