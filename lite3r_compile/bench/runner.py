@@ -144,9 +144,10 @@ class Benchmark:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("lite3r bench: --device cuda but CUDA is not available; use --device cpu with tiny presets")
-        # 24-48 repeated blocks with a graph break each (RoPE's int(positions.max())) must not run
-        # into Dynamo's recompile limit and fall back to eager; the same for every variant
-        # (raised for the run, restored after it)
+        # a model with a graph break in each of its 24-48 repeated blocks must not run into
+        # Dynamo's recompile limit and fall back to eager unseen; the same for every variant
+        # (raised for the run, restored after it). A guard that fails on every call is reported
+        # instead, as frames_compiled_while_timed.
         self.dynamo_limits = {knob: getattr(torch._dynamo.config, knob)
                               for knob in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, knob)}
         limits = {knob: max(value, 64) for knob, value in self.dynamo_limits.items()}
