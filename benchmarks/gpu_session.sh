@@ -37,7 +37,8 @@ stage() {
     local dir=$OUT/$name
     mkdir -p "$dir"
     case $name in
-    tests) python -m pytest -m gpu -q -p no:cacheprovider tests ;;
+    # the time goes into compiling Triton kernels (ptxas, CPU-bound): 4 workers compile 4 tests at once
+    tests) python -m pytest -m gpu -q -n 4 -p no:cacheprovider tests ;;
     overhead) python benchmarks/compile_overhead.py --out "$dir" ;;
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
