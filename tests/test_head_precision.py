@@ -144,3 +144,22 @@ def test_the_benchmarks_float32_heads_run_in_the_dtype_they_were_lowered_to():
         expected = output_tensors(teacher(images), spec.passthrough_outputs)
     for key in ("depth", "world_points"):
         assert rel_err(out[key], expected[key]) < 5e-2, key
+
+
+def test_da3_dualdpt_in_bfloat16_returns_its_dict_in_float32():
+    spec = model_spec("da3-tiny")
+    teacher = build_model(spec, "cpu")
+    images = make_images(spec, 2, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = lite(teacher, backend="fp8", config=LiteConfig(bf16_heads=spec.dense_heads),
+                       example_inputs=(images,))
+        reference = lite(teacher, backend="fp8", example_inputs=(images,))
+    deployed = _deployed(student)
+    assert deployed.record.bf16_heads == ["head"]
+    with torch.no_grad():
+        out = output_tensors(deployed(images), spec.passthrough_outputs)
+        expected = output_tensors(_deployed(reference)(images), spec.passthrough_outputs)
+    for key in ("depth", "depth_conf"):
+        assert out[key].dtype == torch.float32
+        assert rel_err(out[key], expected[key]) < 2e-2, key
