@@ -188,6 +188,9 @@ def time_sla(batch: int, n: int, topk: float, block_q: int, block_k: int) -> dic
 
     block_map = block_map_step()
     states = marginal_step()
+    marginal_bf16 = block_map.marginal.to(torch.bfloat16)
+    cublas = torch.matmul(marginal_bf16, key_states)
+    steps_error = {"marginal_sum_cublas_rel_err": _rel(cublas, states)}
     t_fwd = _bench(fwd)
     t_fwd_bwd = _bench(fwd_bwd)
     t_fwd_graph = _bench_graph(fwd)
@@ -196,6 +199,9 @@ def time_sla(batch: int, n: int, topk: float, block_q: int, block_k: int) -> dic
         "block_scores_ms": _bench(lambda: triton_blockmap.block_scores(q_means, k_sums, n, config)),
         "block_map_ms": _bench(block_map_step),
         "marginal_sum_ms": _bench(marginal_step),
+        # the same product through cuBLAS (bf16 in, fp32 accumulation, bf16 out), to decide
+        # whether the Triton kernel (~170 TFLOP/s at N = 43,968) should give way to it
+        "marginal_sum_cublas_ms": _bench(lambda: torch.matmul(marginal_bf16, key_states)),
         "backward_tables_ms": _bench(
             lambda: triton_blockmap.block_tables(block_map.block_class, torch.bfloat16, torch.float32)),
     }
@@ -218,6 +224,7 @@ def time_sla(batch: int, n: int, topk: float, block_q: int, block_k: int) -> dic
         "overhead_fraction": (t_map + t_states) / t_fwd,
         "non_kernel_fraction": 1.0 - t_kernel / t_fwd,
         "steps": steps,
+        "steps_error": steps_error,
     }
 
 
