@@ -25,6 +25,18 @@ def _deployed(student, backend="fp8"):
         return deploy(student, backend, compile=False)
 
 
+def _bench_student(name, config, teacher=None):
+    """(spec, teacher, images, student): a benchmark model (bf16 backbone, float32 heads) and its
+    fp8 student under ``config``."""
+    spec = model_spec(name)
+    teacher = build_model(spec, "cpu") if teacher is None else teacher
+    images = make_images(spec, 2, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = lite(teacher, backend="fp8", config=config, example_inputs=(images,))
+    return spec, teacher, images, student
+
+
 def test_only_the_deployed_form_runs_its_heads_in_bfloat16():
     teacher = make_teacher()
     student = make_student(teacher, bf16_heads=("head",))
@@ -130,13 +142,8 @@ def test_vggt_heads_take_their_token_lists_and_images_in_bfloat16():
 def test_the_benchmarks_float32_heads_run_in_the_dtype_they_were_lowered_to():
     # the benchmark wraps each head to run it in float32 behind a bf16 backbone; a bf16 head must
     # get bf16 inputs from that wrapper (a float32 input into bf16 weights is a dtype error)
-    spec = model_spec("vggt-tiny")
-    teacher = build_model(spec, "cpu")
-    images = make_images(spec, 2, "cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        student = lite(teacher, backend="fp8", config=LiteConfig(bf16_heads=spec.dense_heads),
-                       example_inputs=(images,))
+    heads = model_spec("vggt-tiny").dense_heads
+    spec, teacher, images, student = _bench_student("vggt-tiny", LiteConfig(bf16_heads=heads))
     deployed = _deployed(student)
     assert sorted(deployed.record.bf16_heads) == ["depth_head", "point_head"]
     with torch.no_grad():
@@ -147,14 +154,9 @@ def test_the_benchmarks_float32_heads_run_in_the_dtype_they_were_lowered_to():
 
 
 def test_da3_dualdpt_in_bfloat16_returns_its_dict_in_float32():
-    spec = model_spec("da3-tiny")
-    teacher = build_model(spec, "cpu")
-    images = make_images(spec, 2, "cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        student = lite(teacher, backend="fp8", config=LiteConfig(bf16_heads=spec.dense_heads),
-                       example_inputs=(images,))
-        reference = lite(teacher, backend="fp8", example_inputs=(images,))
+    heads = model_spec("da3-tiny").dense_heads
+    spec, teacher, images, student = _bench_student("da3-tiny", LiteConfig(bf16_heads=heads))
+    *_, reference = _bench_student("da3-tiny", LiteConfig(), teacher)
     deployed = _deployed(student)
     assert deployed.record.bf16_heads == ["head"]
     with torch.no_grad():

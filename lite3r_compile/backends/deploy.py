@@ -205,8 +205,8 @@ def deploy(
     casts: list[tuple[torch.Tensor, torch.Tensor]] = []
     lite_record = getattr(student, "lite3r_record", None)
     if lite_record is not None and lite_record.config.bf16_heads:
-        record.bf16_heads, casts = lower_head_precision(module, student, lite_record.config.bf16_heads,
-                                                        torch.bfloat16, record.heads_kept)
+        record.bf16_heads, record.heads_kept, casts = lower_head_precision(
+            module, student, lite_record.config.bf16_heads, torch.bfloat16)
     record.cuda_graphs = cuda_graphs and compile
     runner = compile_for_inference(module, cuda_graphs=cuda_graphs, dynamic=dynamic) if compile else module
     return DeployedStudent(module, record, sources, runner, casts)

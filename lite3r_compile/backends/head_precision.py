@@ -49,7 +49,9 @@ def find_heads(module: nn.Module) -> list[str]:
     return heads
 
 
-def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor in it (also inside lists, tuples and dicts) cast
+    to ``dtype``."""
     return tree_map_only(Tensor, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t, value)
 
 
@@ -63,13 +65,13 @@ def _kept(module: nn.Module) -> set[int]:
 
 
 def lower_head_precision(module: nn.Module, student: nn.Module, globs: tuple[str, ...], dtype: torch.dtype,
-                         skipped: list[tuple[str, str]]) -> tuple[list[str], list[tuple[Tensor, Tensor]]]:
+                         ) -> tuple[list[str], list[tuple[str, str]], list[tuple[Tensor, Tensor]]]:
     """Run the heads of ``module`` (an inference copy of ``student``, same paths) whose paths match
     ``globs`` in ``dtype``.
 
-    Returns the paths of the heads lowered and (``dtype`` copy, the student's tensor) pairs, from
-    which the deployed form refreshes the copies after the student's weights change. Named heads
-    left as they are go to ``skipped`` as (path, why). A glob that names no head is an error.
+    Returns the paths of the heads lowered, (path, why) of the named heads left as they are, and
+    (``dtype`` copy, the student's tensor) pairs, from which the deployed form refreshes the
+    copies after the student's weights change. A glob that names no head is an error.
     """
     heads = find_heads(module)
     unmatched = [g for g in globs if not any(fnmatchcase(h, g) for h in heads)]
@@ -81,6 +83,7 @@ def lower_head_precision(module: nn.Module, student: nn.Module, globs: tuple[str
     student_tensors = {**dict(student.named_parameters(remove_duplicate=False)),
                        **dict(student.named_buffers(remove_duplicate=False))}
     lowered: list[str] = []
+    kept_heads: list[tuple[str, str]] = []
     sources: list[tuple[Tensor, Tensor]] = []
     for path in heads:
         if not matches_any(path, globs):
@@ -104,10 +107,10 @@ def lower_head_precision(module: nn.Module, student: nn.Module, globs: tuple[str
                     sources.append((sub._buffers[name], student_tensors[f"{prefix}.{name}"]))
                     cast += 1
         if not cast:
-            skipped.append((path, "no float32 parameter or buffer"))
+            kept_heads.append((path, "no float32 parameter or buffer"))
             continue
-        head.register_forward_pre_hook(lambda m, args, kwargs: (_cast_floats(args, dtype), _cast_floats(kwargs, dtype)),
+        head.register_forward_pre_hook(lambda m, args, kwargs: (cast_floats(args, dtype), cast_floats(kwargs, dtype)),
                                        with_kwargs=True)
-        head.register_forward_hook(lambda m, args, output: _cast_floats(output, torch.float32))
+        head.register_forward_hook(lambda m, args, output: cast_floats(output, torch.float32))
         lowered.append(path)
-    return lowered, sources
+    return lowered, kept_heads, sources

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lite3r_compile.backends.head_precision import cast_floats
+
 HEADS_RANGE_PREFIX = "lite3r.bench.heads."
 # the CUDA kernel torch.cuda._sleep launches: the marker on the GPU timeline
 MARKER_KERNEL = "spin_kernel"
@@ -102,18 +104,6 @@ def _plus(value: Any, token: Tensor) -> Any:
         return type(value)(_plus(v, token) for v in value)
     if isinstance(value, dict):
         return {k: _plus(v, token) for k, v in value.items()}
-    return value
-
-
-def cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` with every floating-point tensor in it (also inside lists, tuples and dicts) cast
-    to ``dtype``."""
-    if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(cast_floats(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: cast_floats(v, dtype) for k, v in value.items()}
     return value
 
 
