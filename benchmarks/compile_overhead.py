@@ -23,7 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SETUPS = ("eager", "compiled", "compiled_no_cudnn_sdpa", "compiled_aggregator_only", "compiled_cuda_graphs")
+SETUPS = ("eager", "compiled", "compiled_no_cudnn_sdpa", "compiled_aggregator_only", "compiled_cuda_graphs",
+          "regional", "regional_cuda_graphs", "student_regional", "student_regional_cuda_graphs")
+# set-ups that record CUDA graphs: each call is a new step for Inductor's CUDA graph trees
+CUDA_GRAPH_SETUPS = ("compiled_cuda_graphs", "regional_cuda_graphs", "student_regional_cuda_graphs")
 
 
 def build(depth: int, device: torch.device):
@@ -31,12 +34,13 @@ def build(depth: int, device: torch.device):
     from lite3r_compile.models_zoo.dinov2 import DinoV2Config
     from lite3r_compile.models_zoo.vggt import AggregatorConfig, DPTConfig
 
-    layers = tuple(min(i, depth - 1) for i in range(4))
+    # VGGT-1B's DPT heads read blocks 4, 11, 17 and 23; a shortened model, its first four
+    layers = (4, 11, 17, 23) if depth == 24 else tuple(min(i, depth - 1) for i in range(4))
     spec = ModelSpec(
         "vggt-1b", ("camera_head", "depth_head", "point_head"), 518, (8,),
         {"enable_track": False, "aggregator": AggregatorConfig(depth=depth, patch_embed=DinoV2Config(depth=depth)),
          "depth_head": DPTConfig(intermediate_layer_idx=layers), "point_head": DPTConfig(intermediate_layer_idx=layers)},
-        ("images", "pose_enc_list"))
+        ("images", "pose_enc_list"), ("depth_head", "point_head"))
     return spec, build_model(spec, device)
 
 
@@ -46,7 +50,33 @@ def cpu_table(prof, rows: int) -> list[dict]:
              "cpu_total_ms": a.cpu_time_total / 1e3} for a in averages]
 
 
-def run_setup(name: str, model, images, args) -> dict:
+def regional_student(model, spec, images, cuda_graphs: bool):
+    """The e2e benchmark's fp8+SLA student (topk 0.1 at the global sites, bf16 dense heads),
+    deployed with its repeated blocks compiled; with ``cuda_graphs`` each block's graph records a
+    CUDA graph (Inductor's CUDA graph trees)."""
+    import functools
+    import warnings
+
+    from lite3r_compile.api import lite
+    from lite3r_compile.backends.deploy import deploy
+    from lite3r_compile.backends.regions import compile_blocks
+    from lite3r_compile.backends.registration import lite3r_backend
+    from lite3r_compile.bench.variants import StudentOptions, student_plan
+
+    backend, config = student_plan("student_fp8_sla", StudentOptions(bf16_dense_heads=True, regional_compile=True),
+                                   spec.dense_heads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = lite(model, backend=backend, config=config, example_inputs=(images[:, :2],)).eval()
+    if not cuda_graphs:
+        return student
+    deployed = deploy(student, "fp8", compile=False)
+    options = {"sla": False, "fp8": False, "cuda_graphs": True}
+    compile_blocks(deployed.module, backend=functools.partial(lite3r_backend, options=options))
+    return deployed.module
+
+
+def run_setup(name: str, model, spec, images, args) -> dict:
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,9 +92,23 @@ def run_setup(name: str, model, images, args) -> dict:
         model.aggregator.compile(dynamic=False)
     elif name == "compiled_cuda_graphs":
         module = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    elif name in ("regional", "regional_cuda_graphs"):
+        from lite3r_compile.api import structural_copy
+        from lite3r_compile.backends.regions import compile_blocks
+
+        module, _ = structural_copy(model)
+        compile_blocks(module, **({"mode": "reduce-overhead"} if name == "regional_cuda_graphs" else {}))
+    elif name.startswith("student_"):
+        module = regional_student(model, spec, images, cuda_graphs=name.endswith("cuda_graphs"))
     else:
         module = torch.compile(model, dynamic=False)
     record: dict = {"setup": name}
+    if name in CUDA_GRAPH_SETUPS:
+        inner = module
+
+        def module(x):
+            torch.compiler.cudagraph_mark_step_begin()
+            return inner(x)
     with torch.no_grad():
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -119,7 +163,7 @@ def main() -> None:
     results = []
     for name in args.setups:
         try:
-            record = run_setup(name, model, images, args)
+            record = run_setup(name, model, spec, images, args)
         except Exception as err:  # one failing set-up must not lose the others
             record = {"setup": name, "error": f"{type(err).__name__}: {err}"[:500]}
         results.append(record)

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh distill                # next call (within 30 s keeps the machine warm)
 #   bash benchmarks/gpu_session.sh distill:360 kernels:220  # NAME:SECONDS replaces a stage's limit
 #
-# `e2e` runs its most important runs first and saves after each; one call fits about three compiled
+# `e2e` passes $E2E_FLAGS on to benchmarks/e2e.py (e.g. --cuda-graphs). It runs its most important runs first and saves after each; one call fits about three compiled
 # VGGT-1B runs (a compile takes ~3 minutes). To go on in the next call, copy $OUT/e2e/e2e.json into
 # the working tree and name it: E2E_RESUME=benchmarks/results/e2e_partial.json bash ... e2e
 #
@@ -43,8 +43,11 @@ stage() {
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
         --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
-    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --bf16-dense-heads --time-budget-s $((limit - 45)) \
-        ${E2E_RESUME:+--resume "$E2E_RESUME"} --out "$dir" ;;
+    # then the Triton source of the hottest Inductor kernels, to read after the machine is gone
+    e2e) python benchmarks/e2e.py --models vggt-1b da3-large --bf16-dense-heads ${E2E_FLAGS:-} --time-budget-s $((limit - 60)) \
+        ${E2E_RESUME:+--resume "$E2E_RESUME"} --out "$dir" \
+        ; python benchmarks/kernel_sources.py "$dir/e2e.json" --out "$dir/kernels" \
+        && tar -czf "$dir/kernels.tar.gz" -C "$dir" kernels && rm -r "$dir/kernels" ;;
     teacher) python benchmarks/train_teacher.py --minutes 8 --out "$dir" ;;
     quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;

@@ -63,7 +63,9 @@ class FP8Config:
     3. ``include`` globs quantize a layer even outside a transformer block, under a head or
        under the patch embedding.
     4. With ``skip_patch_embed``, layers under a module named like a patch embedding
-       (``patch_embed``; see :data:`PATCH_EMBED_NAME_GLOBS`) stay high precision.
+       (``patch_embed``; see :data:`PATCH_EMBED_NAME_GLOBS`) stay high precision, except those in
+       a transformer block inside it: VGGT names its whole DINOv2 backbone ``patch_embed``, and
+       its blocks do not see pixels.
     5. With ``skip_heads``, layers under a module named like a head (``camera_head``, ``head``,
        ...; see :data:`HEAD_NAME_GLOBS`) stay high precision.
     6. Otherwise a layer is quantized when it sits inside a transformer block: the parent module of
@@ -131,6 +133,16 @@ class LiteConfig:
     (backends ``"fp8"`` and ``"inductor"``) runs in bfloat16 instead of the float32 VGGT and DA3
     give their heads (:mod:`lite3r_compile.backends.head_precision`). The eager student and
     distillation keep the heads as they are.
+    ``regional_compile``: the deployed form compiles each repeated block (one graph per block
+    class and shape, reused by every block of the class) instead of the whole model, and runs the
+    rest eagerly (:mod:`lite3r_compile.backends.regions`): a fraction of the compile time.
+    ``cuda_graphs``: the deployed form on a CUDA GPU replays its compiled graphs as CUDA graphs
+    (Inductor's CUDA graph trees; each eval call is a new step), which removes their launch
+    overhead; a new input shape records new graphs.
+    ``inductor_multi_kernel``: the deployed form's reductions over rows wider than Inductor's
+    persistent-reduction limit (1024) also get a persistent variant, picked when it times faster
+    (Inductor's ``triton.multi_kernel``). The FP8 quantization of an MLP's 4096-wide GELU output
+    is one: as a looped reduction it computes the GELU twice (``benchmarks/NOTES.md``).
     """
 
     sla: SLAConfig = field(default_factory=SLAConfig)
@@ -141,6 +153,9 @@ class LiteConfig:
     sla_overrides: tuple[tuple[str, SLAConfig], ...] = ()
     trainable: tuple[str, ...] = ()
     bf16_heads: tuple[str, ...] = ()
+    regional_compile: bool = False
+    cuda_graphs: bool = False
+    inductor_multi_kernel: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sla, SLAConfig):

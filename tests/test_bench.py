@@ -255,3 +255,47 @@ def test_resuming_a_result_of_another_configuration_is_refused_with_the_differen
     with pytest.raises(SystemExit, match=r"another configuration; students: .*'topk': 0.1.*'topk': 0.2"):
         _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "--no-plot", "--topk", "0.2",
              "--resume", str(previous))
+
+
+def test_error_claims_name_their_worst_output_and_the_compile_floor_on_it():
+    from lite3r_compile.bench.claims import check_claims
+
+    def run(variant, latency, **errors):
+        return {"model": "m", "frames": 8, "variant": variant, "latency_ms": latency, **errors}
+
+    runs = [
+        run("dense_eager", 100.0),
+        run("dense_compiled", 80.0, error_vs_dense_eager={"per_key": {"pose": 0.035, "depth": 1e-4}, "max": 0.035}),
+        run("student_fp8_sla", 50.0, error_vs_eager_student={"per_key": {"pose": 0.09, "depth": 2e-3}, "max": 0.09}),
+    ]
+    exact = [{"model": "m", "frames": 8, "per_key": {"pose": 0.03, "depth": 5e-5}, "max": 0.03}]
+    claims = {c["claim"]: c for c in check_claims(runs, exact) if c["frames"] == 8}
+    student = claims["student_fp8_sla vs eager fake-quant student (max rel err)"]
+    assert student["passed"] is False  # the floor is reported, it does not excuse the error
+    assert student["worst_output"] == "pose" and student["floor"] == 0.035
+    exact_claim = claims["exact student (topk=1, no FP8) vs dense teacher (max rel err)"]
+    assert exact_claim["worst_output"] == "pose" and exact_claim["floor"] == 0.035
+    # without a dense compiled run there is no floor to give
+    bare = {c["claim"]: c for c in check_claims(runs[::2], exact) if c["frames"] == 8}
+    assert "floor" not in bare["student_fp8_sla vs eager fake-quant student (max rel err)"]
+
+
+def test_compile_dense_block_by_block_shares_the_weights_and_leaves_the_model_eager():
+    from lite3r_compile.bench.models import build_model, make_images, model_spec
+    from lite3r_compile.bench.variants import compile_dense
+
+    torch._dynamo.reset()
+    spec = model_spec("vggt-tiny")
+    model = build_model(spec, "cpu")
+    images = make_images(spec, 2, "cpu")
+    compiled = compile_dense(model, "eager", regional=True)
+    assert compiled is not model
+    assert compiled.aggregator.frame_blocks[0]._compiled_call_impl is not None
+    assert model.aggregator.frame_blocks[0]._compiled_call_impl is None  # the teacher stays eager
+    shared = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in shared for p in compiled.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images)["depth"], model(images)["depth"])
+    with pytest.raises(ValueError, match="Inductor options"):
+        compile_dense(model, "eager", regional=True, cuda_graphs=True)
+    torch._dynamo.reset()

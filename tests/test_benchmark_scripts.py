@@ -152,3 +152,32 @@ def test_compile_overhead_builds_a_shortened_vggt_1b_at_full_width():
     with torch.no_grad():
         out = model(make_images(spec, 1, "cpu"))
     assert out["depth"].shape == (1, 1, 518, 518, 1) and torch.isfinite(out["depth"]).all()
+
+
+def test_kernel_sources_copies_the_smallest_file_defining_each_hot_inductor_kernel(tmp_path):
+    script = _script("kernel_sources")
+    cache = tmp_path / "cache"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "graph.py").write_text("def triton_red_fused_gelu_1(x):\n    pass\n" + "# pad\n" * 200
+                                           + "def triton_per_fused_ln_2(x):\n    pass\n")
+    (cache / "ab" / "kernel.py").write_text("def triton_red_fused_gelu_1(x):\n    pass\n")
+    result = {"runs": [
+        {"model": "m", "frames": 8, "variant": "student_fp8_sla", "top_kernels": [
+            {"name": "nvjet_gemm", "calls": 4, "ms": 9.0},  # not Inductor's: not looked for
+            {"name": "triton_red_fused_gelu_1", "calls": 48, "ms": 7.9},
+            {"name": "triton_per_fused_ln_2", "calls": 96, "ms": 3.0},
+            {"name": "triton_poi_fused_gone_3", "calls": 2, "ms": 1.0},
+        ]},
+        {"model": "m", "frames": 8, "variant": "dense_eager", "top_kernels": None},
+    ]}
+    (tmp_path / "e2e.json").write_text(json.dumps(result))
+    out = tmp_path / "kernels"
+    assert script.main([str(tmp_path / "e2e.json"), "--cache-dir", str(cache), "--out", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert set(index) == {"triton_red_fused_gelu_1", "triton_per_fused_ln_2", "triton_poi_fused_gone_3"}
+    assert index["triton_red_fused_gelu_1"]["source"].endswith("kernel.py")
+    assert index["triton_per_fused_ln_2"]["source"].endswith("graph.py")
+    assert index["triton_poi_fused_gone_3"]["source"] is None
+    assert index["triton_red_fused_gelu_1"]["runs"] == ["m S=8 student_fp8_sla: 7.90 ms over 48 calls"]
+    copied = (out / "triton_red_fused_gelu_1.py").read_text()
+    assert "7.90 ms over 48 calls" in copied and "# pad" not in copied

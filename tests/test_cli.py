@@ -110,10 +110,11 @@ def test_demo_claims_on_vggt_tiny():
 @pytest.mark.slow
 def test_inspect_vggt_1b_on_meta(capsys):
     """The 1.26B-parameter preset, shapes only: FP8 goes to the 4 Linear layers of each of the 48
-    frame/global blocks; the DINOv2 patch embedding and the heads stay high precision."""
+    frame/global blocks and of the 24 blocks of the DINOv2 backbone (which VGGT names
+    `patch_embed`); the heads stay high precision."""
     assert main(["inspect", "vggt-1b", "--meta"]) == 0
     out = capsys.readouterr().out
-    assert "192 of" in out and "Linear layers would get FP8" in out
+    assert "288 of" in out and "Linear layers would get FP8" in out
     for fact in ("aggregator.frame_blocks.*.attn", "aggregator.global_blocks.*.attn", "16 x 64",
-                 "under patch embedding 'aggregator.patch_embed'", "under head 'camera_head'"):
+                 "'aggregator.patch_embed.blocks.*'", "under head 'camera_head'"):
         assert fact in out, fact

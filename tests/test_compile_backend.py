@@ -199,3 +199,40 @@ def test_a_zoo_model_compiles_to_what_its_lite_student_computes():
     assert sorted(lin.path for r in reports for lin in r.linears if lin.quantized) == sorted(
         d.path for d in record["fp8_layers"] if d.quantized
     )
+
+
+def test_inductor_options_reach_compile_fx_for_the_backend_and_the_deployed_student(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from lite3r_compile.backends.deploy import deploy
+    from lite3r_compile.config import LiteConfig
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    model = make_teacher(frame_block=False)
+    x = tokens(2)
+    with torch.no_grad():
+        _compile(model, sla=False, fp8=False, multi_kernel=True)(x)
+    assert seen[-1]["triton.multi_kernel"] == 1 and "triton.cudagraphs" not in seen[-1]
+    # every graph rounds its intermediates as eager does, whatever the options
+    assert seen[-1]["emulate_precision_casts"] is True
+
+    torch._dynamo.reset()
+    seen.clear()
+    teacher = make_teacher(frame_block=False)
+    student = make_student(teacher, inductor_multi_kernel=True)
+    plain = make_student(teacher)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deployed = deploy(student, "fp8")
+        with torch.no_grad():
+            deployed(x)
+    assert deployed.record.multi_kernel
+    assert seen and all(p["triton.multi_kernel"] == 1 for p in seen)
+    assert not deploy(plain, "fp8", compile=False).record.multi_kernel
+    assert LiteConfig().inductor_multi_kernel is False

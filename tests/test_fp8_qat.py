@@ -252,3 +252,24 @@ def test_shared_linear_is_replaced_everywhere():
 def test_unknown_granularity_is_an_error():
     with pytest.raises(ValueError, match="granularity must be one of"):
         FP8FakeQuantLinear.from_linear(_linear(), granularity="blockwise")
+
+
+class _Backbone(nn.Module):
+    """A ViT backbone named like a patch embedding (VGGT's DINOv2 is `aggregator.patch_embed`):
+    its pixel projection and its transformer blocks."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.proj = nn.Linear(48, dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"attn": nn.Linear(dim, dim), "mlp": nn.Linear(dim, dim)}) for _ in range(2)
+        )
+
+
+def test_blocks_inside_a_backbone_named_patch_embed_are_quantized_but_its_projection_is_not():
+    model = nn.ModuleDict({"patch_embed": _Backbone(), "blocks": nn.ModuleList([_Backbone().blocks[0]])})
+    sites = ["patch_embed.blocks.0.attn", "patch_embed.blocks.1.attn", "blocks.0.attn"]
+    plan = {d.path: d for d in plan_fp8(model, FP8Config(), sites)}
+    assert plan["patch_embed.proj"].rule == "patch_embed" and not plan["patch_embed.proj"].quantized
+    for path in ("patch_embed.blocks.0.mlp", "patch_embed.blocks.1.attn", "blocks.0.mlp"):
+        assert plan[path].quantized and plan[path].rule == "block", path

@@ -39,9 +39,10 @@ def _outputs(model, inputs):
 def test_one_entry_per_block_with_its_scope(model, measured):
     sites = find_attention(model)
     blocks = {s.path.rsplit(".", 1)[0]: s.scope for s in sites}
-    # the patch embedding and the heads keep their Linears by default: only aggregator blocks
-    assert [b.block for b in measured] == [b for b in blocks if b.startswith("aggregator.") and
-                                           not b.startswith("aggregator.patch_embed")]
+    # the heads keep their Linears by default: the aggregator's blocks, the DINOv2 ones inside
+    # `aggregator.patch_embed` included
+    assert [b.block for b in measured] == [b for b in blocks if b.startswith("aggregator.")]
+    assert any(b.block.startswith("aggregator.patch_embed.blocks.") for b in measured)
     for b in measured:
         assert b.scope == blocks[b.block]
         assert b.layers and all(p.startswith(b.block + ".") for p in b.layers)

@@ -18,7 +18,11 @@
   (:mod:`lite3r_compile.backends.head_precision`);
 - SLA runs as the ``lite3r::sla_forward`` custom op, an opaque node Inductor schedules around
   (Triton kernels on CUDA, the reference elsewhere); everything else goes through Inductor, with
-  CUDA graphs on request. Graph breaks are reported (``GraphBreakWarning``), never hidden.
+  CUDA graphs on request (``LiteConfig.cuda_graphs``). Graph breaks are reported
+  (``GraphBreakWarning``), never hidden;
+- ``LiteConfig.regional_compile``: only the repeated blocks are compiled, each block class and
+  shape once (:mod:`lite3r_compile.backends.regions`); the rest runs eagerly. With CUDA graphs,
+  each block's graph is replayed as a CUDA graph and the code between them runs eagerly.
 
 Where the machine has no FP8 GEMMs (no GPU of compute capability >= 8.9), ``Float8Linear``
 emulates them with the same rounded operands in float32, said once by an ``FP8EmulationWarning``.
@@ -40,6 +44,7 @@ from torch import nn
 
 from lite3r_compile.backends.fp8_linear import Float8Linear, has_fp8_gemm
 from lite3r_compile.backends.head_precision import lower_head_precision
+from lite3r_compile.backends.module_watch import ModuleState, ModuleWatch
 from lite3r_compile.passes.fp8_qat import FP8FakeQuantLinear
 
 DEPLOY_BACKENDS: tuple[str, ...] = ("fp8", "inductor")
@@ -56,7 +61,9 @@ class DeployRecord:
     FP8 GEMMs are emulated (no GPU of compute capability >= 8.9); ``compiled``: the module runs
     through ``torch.compile`` (Inductor); ``cuda_graphs``: Inductor's CUDA graphs are on;
     ``bf16_heads``: heads lowered to bfloat16, ``heads_kept``: (path, why) of heads left as they
-    are (both empty unless ``LiteConfig.bf16_heads`` names some)."""
+    are (both empty unless ``LiteConfig.bf16_heads`` names some); ``compiled_blocks``: with
+    regional compilation, the lists of repeated blocks compiled (``"path: count x Class"``);
+    ``multi_kernel``: Inductor's multi-kernel reductions are on (``LiteConfig.inductor_multi_kernel``)."""
 
     backend: str
     float8_layers: list[str] = field(default_factory=list)
@@ -66,6 +73,8 @@ class DeployRecord:
     cuda_graphs: bool = False
     bf16_heads: list[str] = field(default_factory=list)
     heads_kept: list[tuple[str, str]] = field(default_factory=list)
+    compiled_blocks: list[str] = field(default_factory=list)
+    multi_kernel: bool = False
 
 
 class DeployedStudent(nn.Module):
@@ -86,6 +95,9 @@ class DeployedStudent(nn.Module):
         self.__dict__["_runner"] = runner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.record.cuda_graphs:
+            # one call is one step: the CUDA graph trees may reuse the previous call's memory
+            torch.compiler.cudagraph_mark_step_begin()
         return self._runner(*args, **kwargs)
 
     def refresh(self) -> None:
@@ -162,21 +174,30 @@ def deploy(
     backend: str = "fp8",
     *,
     compile: bool = True,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     dynamic: bool | None = None,
+    regional: bool | None = None,
     warn_emulation: bool = True,
 ) -> DeployedStudent:
     """The deployed, compiled eval-mode form of ``student`` (see the module docstring).
 
     ``compile=False`` returns the lowered module run eagerly (for inspection and tests).
-    ``cuda_graphs``: Inductor records CUDA graphs (``triton.cudagraphs``; inputs of a new shape
+    ``cuda_graphs``: Inductor records CUDA graphs (``triton.cudagraphs``; default: the student's
+    ``LiteConfig.cuda_graphs``, False for a module that is not a lite student; inputs of a new shape
     record a new graph). ``dynamic`` is ``torch.compile``'s: ``None`` marks sizes dynamic when
     they change (a new number of frames compiles once more, then never again), ``True`` from the
-    first call. ``warn_emulation``: say once when FP8 is emulated (``lite()`` has already said so
-    for its students).
+    first call. ``regional``: compile the repeated blocks only (default: the student's
+    ``LiteConfig.regional_compile``, False for a module that is not a lite student).
+    ``warn_emulation``: say once when FP8 is emulated (``lite()`` has already said so for its
+    students).
     """
     if backend not in DEPLOY_BACKENDS:
         raise ValueError(f"deploy: backend must be one of {DEPLOY_BACKENDS}, got {backend!r}")
+    lite_record = getattr(student, "lite3r_record", None)
+    if regional is None:
+        regional = lite_record is not None and lite_record.config.regional_compile
+    if cuda_graphs is None:
+        cuda_graphs = lite_record is not None and lite_record.config.cuda_graphs
     device = model_device(student)
     record = DeployRecord(backend, compiled=compile)
     module = inference_copy(student)
@@ -203,40 +224,39 @@ def deploy(
                       UserWarning, stacklevel=2)
         cuda_graphs = False
     casts: list[tuple[torch.Tensor, torch.Tensor]] = []
-    lite_record = getattr(student, "lite3r_record", None)
     if lite_record is not None and lite_record.config.bf16_heads:
         record.bf16_heads, record.heads_kept, casts = lower_head_precision(
             module, student, lite_record.config.bf16_heads, torch.bfloat16)
     record.cuda_graphs = cuda_graphs and compile
-    runner = compile_for_inference(module, cuda_graphs=cuda_graphs, dynamic=dynamic) if compile else module
+    record.multi_kernel = compile and lite_record is not None and lite_record.config.inductor_multi_kernel
+    runner = module
+    if compile:
+        runner, record.compiled_blocks = compile_for_inference(
+            module, cuda_graphs=cuda_graphs, dynamic=dynamic, regional=regional, multi_kernel=record.multi_kernel)
     return DeployedStudent(module, record, sources, runner, casts)
 
 
-def compile_for_inference(module: nn.Module, *, cuda_graphs: bool = False, dynamic: bool | None = None) -> Any:
+def compile_for_inference(module: nn.Module, *, cuda_graphs: bool = False, dynamic: bool | None = None,
+                          regional: bool = False, multi_kernel: bool = False) -> tuple[Any, list[str]]:
     """``torch.compile`` through Inductor with the ``lite3r`` backend's bookkeeping and nothing
     rewritten (the module is lowered already): graph breaks are reported by a
-    ``GraphBreakWarning`` and each graph leaves a ``GraphReport``."""
+    ``GraphBreakWarning`` and each graph leaves a ``GraphReport``. With ``regional``, the repeated
+    blocks are compiled in place instead (:func:`~lite3r_compile.backends.regions.compile_blocks`),
+    each block's graph a CUDA graph of its own with ``cuda_graphs``. ``multi_kernel``: the
+    ``lite3r`` backend's option of that name.
+
+    Returns what to call (the compiled module, or ``module`` itself when regional) and the lists
+    of repeated blocks compiled, as ``"path: count x Class"`` (empty unless regional).
+    """
+    from lite3r_compile.backends.regions import compile_blocks
     from lite3r_compile.backends.registration import lite3r_backend
 
-    options = {"sla": False, "fp8": False, "cuda_graphs": cuda_graphs}
-    return torch.compile(module, backend=functools.partial(lite3r_backend, options=options), dynamic=dynamic)
-
-
-def _tensor_signature(student: nn.Module) -> tuple[tuple, tuple]:
-    """(structure, versions) of the student's parameters and buffers: the structure changes when
-    a tensor is replaced or moved (``.to``, ``.data =``, a module swapped), the versions on every
-    in-place write (optimizer steps, ``load_state_dict``)."""
-    structure, versions = [], []
-    for name, t in (*student.named_parameters(), *student.named_buffers()):
-        structure.append((name, id(t), t.data_ptr(), t.dtype, t.device))
-        # inference tensors cannot be written outside inference mode: they have no version
-        versions.append(0 if t.is_inference() else t._version)
-    return tuple(structure), tuple(versions)
-
-
-def _has_submodule_hooks(student: nn.Module) -> bool:
-    # the student's own hooks fire around the router either way; its submodules' would not
-    return any(m._forward_hooks or m._forward_pre_hooks for m in student.modules() if m is not student)
+    options = {"sla": False, "fp8": False, "cuda_graphs": cuda_graphs, "multi_kernel": multi_kernel}
+    backend = functools.partial(lite3r_backend, options=options)
+    if not regional:
+        return torch.compile(module, backend=backend, dynamic=dynamic), []
+    groups = compile_blocks(module, backend=backend, dynamic=dynamic)
+    return module, [f"{g.path}: {g.count} x {g.class_name}" for g in groups]
 
 
 class EvalBackend:
@@ -255,7 +275,7 @@ class EvalBackend:
     """
 
     def __init__(self, student: nn.Module, backend: str, *, compile: bool | None = None,
-                 cuda_graphs: bool = False, dynamic: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, dynamic: bool | None = None) -> None:
         if backend not in DEPLOY_BACKENDS:
             raise ValueError(f"install_eval_backend: backend must be one of {DEPLOY_BACKENDS}, got {backend!r}")
         self.student = student
@@ -265,6 +285,8 @@ class EvalBackend:
         self.dynamic = dynamic
         self.deployed: DeployedStudent | None = None
         self.signature: tuple[tuple, tuple] | None = None
+        # made on the first eval call: a copied or unpickled router watches its own student
+        self.watch: ModuleWatch | None = None
         self.builds = 0
         self.hooks_warned = False
 
@@ -272,7 +294,8 @@ class EvalBackend:
         student = self.student
         if student.training or torch.compiler.is_compiling():
             return type(student).forward(student, *args, **kwargs)
-        if _has_submodule_hooks(student):
+        state = self._look()
+        if state.hooked:
             if not self.hooks_warned:
                 self.hooks_warned = True
                 warnings.warn(
@@ -282,11 +305,19 @@ class EvalBackend:
                     stacklevel=2,
                 )
             return type(student).forward(student, *args, **kwargs)
-        return self.current()(*args, **kwargs)
+        return self._deployed_for(state)(*args, **kwargs)
 
     def current(self) -> DeployedStudent:
         """The deployed form for the student's weights as they are now."""
-        signature = _tensor_signature(self.student)
+        return self._deployed_for(self._look())
+
+    def _look(self) -> ModuleState:
+        if self.watch is None:
+            self.watch = ModuleWatch(self.student)
+        return self.watch.look()
+
+    def _deployed_for(self, state: ModuleState) -> DeployedStudent:
+        signature = (state.structure, state.versions)
         # built and refreshed as normal tensors, even on a first call under torch.inference_mode
         with torch.inference_mode(False):
             if self.deployed is None or signature[0] != self.signature[0]:
@@ -307,6 +338,7 @@ class EvalBackend:
         state = dict(self.__dict__)
         state["deployed"] = None
         state["signature"] = None
+        state["watch"] = None
         return state
 
 

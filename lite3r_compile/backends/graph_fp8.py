@@ -135,13 +135,15 @@ def _decide(path: str, weight: Tensor, config: FP8Config, blocks: list[str]) -> 
         return False, f"in/out features {in_features}/{out_features} not multiples of {n}"
     if matches_any(path, config.include):
         return True, "FP8Config.include"
-    if config.skip_patch_embed and ancestor_named(path, PATCH_EMBED_NAME_GLOBS) is not None:
+    block = next((b for b in blocks if _inside(path, b)), None)
+    patch_embed = ancestor_named(path, PATCH_EMBED_NAME_GLOBS) if config.skip_patch_embed else None
+    # as lite()'s FP8 plan: blocks inside a module named like a patch embedding are quantized
+    if patch_embed is not None and not (block or "").startswith(patch_embed + "."):
         return False, "under a patch embedding (FP8Config.skip_patch_embed)"
     if config.skip_heads and ancestor_named(path, HEAD_NAME_GLOBS) is not None:
         return False, "under a head (FP8Config.skip_heads)"
     if not blocks:
         return True, "no attention in this graph: every Linear outside heads"
-    block = next((b for b in blocks if _inside(path, b)), None)
     if block is None:
         return False, "outside every transformer block"
     return True, f"in transformer block {block!r}"

@@ -15,7 +15,11 @@ Options (``torch.compile(model, backend="lite3r", options={...})``): ``topk``, `
 ``block_q``, ``block_k``, ``feature_map`` (:class:`~lite3r_compile.sla.config.SLAConfig`),
 ``sla`` (rewrite attention, default True), ``fp8`` (default True), ``granularity``
 (``"rowwise"``/``"tensorwise"``), ``fp8_exclude`` (module-path globs kept high precision),
-``compiler`` (``"inductor"``/``"eager"``), ``cuda_graphs``. ``mode`` is Inductor's
+``compiler`` (``"inductor"``/``"eager"``), ``cuda_graphs``, ``multi_kernel`` (Inductor's
+``triton.multi_kernel``: reductions over rows up to 16x wider than its persistent-reduction limit of
+1024 also get a persistent variant, and the faster of the two is picked by timing them on the
+first call. The FP8 quantization of a 4096-wide GELU output is such a reduction: looped, it
+computes the GELU twice). ``mode`` is Inductor's
 (``"reduce-overhead"`` turns CUDA graphs on). An unknown option is an error.
 
 Where the graph's tensors are not on a GPU with FP8 tensor cores, FP8 is emulated (same
@@ -68,6 +72,7 @@ class CompileOptions:
     fp8_exclude: tuple[str, ...] = ()
     compiler: str = "inductor"
     cuda_graphs: bool = False
+    multi_kernel: bool = False
 
     def __post_init__(self) -> None:
         self.sla_config()  # SLAConfig validates topk, block sizes and the feature map
@@ -182,6 +187,8 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, options: CompileOptions,
     patches["emulate_precision_casts"] = True
     if options.cuda_graphs:
         patches["triton.cudagraphs"] = True
+    if options.multi_kernel:
+        patches["triton.multi_kernel"] = 1
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

@@ -318,15 +318,22 @@ def load_deployable(path: str | os.PathLike, *, model: nn.Module | None = None,
     # The module shares the skeleton's storage: assign the loaded tensors instead of copying into
     # the skeleton (the caller's model keeps its own weights).
     deployed.module.load_state_dict(tensors, strict=True, assign=True)
-    return deploy_loaded(deployed, compile=compile, cuda_graphs=cuda_graphs)
+    return deploy_loaded(deployed, compile=compile, cuda_graphs=cuda_graphs, regional=config.regional_compile,
+                         multi_kernel=config.inductor_multi_kernel)
 
 
-def deploy_loaded(deployed: DeployedStudent, *, compile: bool, cuda_graphs: bool) -> DeployedStudent:
+def deploy_loaded(deployed: DeployedStudent, *, compile: bool, cuda_graphs: bool,
+                  regional: bool = False, multi_kernel: bool = False) -> DeployedStudent:
     """A loaded deployed module as a standalone :class:`DeployedStudent` (no student to refresh
-    from), compiled on request."""
+    from), compiled on request (block by block with ``regional``; ``multi_kernel`` as
+    :func:`~lite3r_compile.backends.deploy.compile_for_inference`'s)."""
     module = deployed.module
-    record = dataclasses.replace(deployed.record, compiled=compile, cuda_graphs=cuda_graphs and compile)
-    runner = compile_for_inference(module, cuda_graphs=record.cuda_graphs) if compile else module
+    record = dataclasses.replace(deployed.record, compiled=compile, cuda_graphs=cuda_graphs and compile,
+                                 multi_kernel=multi_kernel and compile)
+    runner = module
+    if compile:
+        runner, record.compiled_blocks = compile_for_inference(
+            module, cuda_graphs=record.cuda_graphs, regional=regional, multi_kernel=record.multi_kernel)
     return DeployedStudent(module, record, [], runner)
 
 

@@ -13,6 +13,11 @@ For every model and frame count S present:
   included, at no less than 85% of the GEMM rates measured on the same shapes;
 - correctness: every student against its eager fake-quant twin below 2e-2, and the exact student
   (topk=1, FP8 off) against the dense teacher below 1e-2 (largest relative L2 error over outputs).
+  Each error claim names its worst output and, where the run has one, the *floor* on that output:
+  ``dense_compiled`` against ``dense_eager`` at the same frame count, the error that compiling
+  alone makes. On random weights the camera heads amplify bf16 rounding (VGGT's ``pose_enc``, DA3's
+  extrinsics; ``benchmarks/NOTES.md``): an error at its floor says nothing about FP8 or SLA. The
+  floor is reported beside the claim; it does not change pass or fail.
 """
 
 from __future__ import annotations
@@ -42,6 +47,18 @@ def _claim(model: str, name: str, frames: int | None, value: float | None, targe
             "target": (">= " if at_least else "< ") + f"{target:g}", "passed": passed}
 
 
+def _with_floor(claim: dict[str, Any], error: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, Any]:
+    """``claim`` with its worst output and the dense compiled-vs-eager error on that output."""
+    per_key = error.get("per_key") or {}
+    if per_key:
+        worst = max(per_key, key=per_key.get)
+        claim["worst_output"] = worst
+        floor_keys = (floor or {}).get("per_key") or {}
+        if worst in floor_keys:
+            claim["floor"] = floor_keys[worst]
+    return claim
+
+
 def check_claims(runs: list[dict[str, Any]], exact: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The claims (see the module docstring) for every model in ``runs``."""
     ok = {(r["model"], r["frames"], r["variant"]): r for r in runs if "latency_ms" in r}
@@ -50,6 +67,10 @@ def check_claims(runs: list[dict[str, Any]], exact: list[dict[str, Any]]) -> lis
         def latency(frames: int, variant: str) -> float | None:
             r = ok.get((model, frames, variant))
             return None if r is None else r["latency_ms"]
+
+        def floor(frames: int) -> dict[str, Any] | None:
+            r = ok.get((model, frames, "dense_compiled"))
+            return None if r is None else r.get("error_vs_dense_eager")
 
         for name, frames, baseline, target in SPEED_TARGETS:
             base, student = latency(frames, baseline), latency(frames, "student_fp8_sla")
@@ -72,10 +93,12 @@ def check_claims(runs: list[dict[str, Any]], exact: list[dict[str, Any]]) -> lis
                                      LINEAR_EFFICIENCY_TARGET))
             err = r.get("error_vs_eager_student")
             if err is not None:
-                claims.append(_claim(model, f"{r['variant']} vs eager fake-quant student (max rel err)", r["frames"],
-                                     err["max"], STUDENT_ERROR_MAX, at_least=False))
+                claim = _claim(model, f"{r['variant']} vs eager fake-quant student (max rel err)", r["frames"],
+                               err["max"], STUDENT_ERROR_MAX, at_least=False)
+                claims.append(_with_floor(claim, err, floor(r["frames"])))
         for e in exact:
             if e["model"] == model:
-                claims.append(_claim(model, "exact student (topk=1, no FP8) vs dense teacher (max rel err)",
-                                     e["frames"], e.get("max"), EXACT_ERROR_MAX, at_least=False))
+                claim = _claim(model, "exact student (topk=1, no FP8) vs dense teacher (max rel err)",
+                               e["frames"], e.get("max"), EXACT_ERROR_MAX, at_least=False)
+                claims.append(_with_floor(claim, e, floor(e["frames"])))
     return claims

@@ -369,7 +369,9 @@ class Benchmark:
             if variant == "dense_eager":
                 module = teacher
             elif variant == "dense_compiled":
-                module = compile_dense(teacher, cfg.compile_backend)
+                module = compile_dense(teacher, cfg.compile_backend, regional=cfg.students.regional_compile,
+                                       cuda_graphs=cfg.students.cuda_graphs,
+                                       multi_kernel=cfg.students.inductor_multi_kernel)
             else:
                 module = students.timed[variant]
 
@@ -523,7 +525,12 @@ def summary_text(result: dict[str, Any]) -> str:
     for c in result["claims"]:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[c["passed"]]
         value = "-" if c["value"] is None else f"{c['value']:.3g}"
-        lines.append(f"[{mark}] {c['model']} S={c['frames']} {c['claim']}: {value} (target {c['target']})")
+        note = ""
+        if "worst_output" in c:
+            note = f"; worst: {c['worst_output']}"
+            if "floor" in c:
+                note += f", where dense compiled vs eager is {c['floor']:.2g}"
+        lines.append(f"[{mark}] {c['model']} S={c['frames']} {c['claim']}: {value} (target {c['target']}{note})")
     return "\n".join(lines)
 
 

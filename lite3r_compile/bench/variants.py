@@ -42,12 +42,22 @@ class StudentOptions:
     """How the students are built: SLA ``topk`` and the attention ``sla_scopes`` that get SLA;
     ``bf16_dense_heads``: the timed students run the model's dense-prediction heads in bfloat16
     (``LiteConfig.bf16_heads``; the exact student keeps them as they are); ``backend``, when set,
-    replaces every student's backend (``"eager"`` runs them uncompiled, for tests on a CPU)."""
+    replaces every student's backend (``"eager"`` runs them uncompiled, for tests on a CPU);
+    ``regional_compile``: every compiled variant, ``dense_compiled`` included, compiles its repeated
+    blocks one by one instead of the whole model (``LiteConfig.regional_compile``);
+    ``cuda_graphs``: every compiled variant replays its graphs as CUDA graphs
+    (``LiteConfig.cuda_graphs``; ``mode="reduce-overhead"`` for ``dense_compiled``);
+    ``inductor_multi_kernel``: every compiled variant lets Inductor time persistent against looped
+    variants of its wide reductions (``LiteConfig.inductor_multi_kernel``; ``triton.multi_kernel``
+    for ``dense_compiled``)."""
 
     topk: float = 0.1
     sla_scopes: tuple[str, ...] = ("global",)
     backend: str | None = None
     bf16_dense_heads: bool = False
+    regional_compile: bool = True
+    cuda_graphs: bool = False
+    inductor_multi_kernel: bool = False
 
 
 def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, ...] = ()) -> tuple[str, Any]:
@@ -56,14 +66,17 @@ def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, 
     from lite3r_compile import FP8Config, LiteConfig, SLAConfig
 
     sla, heads = SLAConfig(topk=options.topk), dense_heads if options.bf16_dense_heads else ()
+    deployed = {"regional_compile": options.regional_compile, "cuda_graphs": options.cuda_graphs,
+                "inductor_multi_kernel": options.inductor_multi_kernel}
     plans = {
         "student_fp8_sla": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=options.sla_scopes,
-                                              bf16_heads=heads)),
-        "student_fp8_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=(), bf16_heads=heads)),
+                                              bf16_heads=heads, **deployed)),
+        "student_fp8_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=(), bf16_heads=heads,
+                                               **deployed)),
         "student_sla_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=False), sla_scopes=options.sla_scopes,
-                                               bf16_heads=heads)),
+                                               bf16_heads=heads, **deployed)),
         EXACT_STUDENT: ("fp8", LiteConfig(sla=SLAConfig(topk=1.0), fp8=FP8Config(enabled=False),
-                                               sla_scopes=options.sla_scopes)),
+                                          sla_scopes=options.sla_scopes, **deployed)),
     }
     if variant not in plans:
         raise ValueError(f"lite3r bench: {variant!r} is not a student variant ({', '.join(plans)})")
@@ -264,8 +277,42 @@ def weight_bytes(modules: list[nn.Module]) -> int:
     return sum(seen.values())
 
 
-def compile_dense(model: nn.Module, backend: str) -> nn.Module:
+def compile_dense(model: nn.Module, backend: str, *, regional: bool = False, cuda_graphs: bool = False,
+                  multi_kernel: bool = False) -> nn.Module:
     """``torch.compile(model)`` with Dynamo backend ``backend`` (``inductor`` by default;
     ``eager`` / ``aot_eager`` only trace, for tests), static shapes (each frame count compiles its
-    own graphs, as the students' do after ``torch._dynamo.reset()``)."""
-    return torch.compile(model, backend=backend, dynamic=False)
+    own graphs, as the students' do after ``torch._dynamo.reset()``). With ``regional``, a copy
+    of ``model`` sharing its weights, with its repeated blocks compiled one by one
+    (:func:`lite3r_compile.backends.regions.compile_blocks`; ``model`` itself stays eager), with
+    automatic dynamic shapes as the students' regional blocks: a block class that runs on two
+    shapes (frame and global attention) compiles a graph with dynamic token dims.
+    ``cuda_graphs``: ``mode="reduce-overhead"``, each call a new CUDA-graph step.
+    ``multi_kernel``: Inductor's ``triton.multi_kernel``. Both need the ``inductor`` backend."""
+    if (cuda_graphs or multi_kernel) and backend != "inductor":
+        raise ValueError(f"compile_dense: cuda_graphs and multi_kernel are Inductor options; the backend is {backend!r}")
+    inductor: dict[str, Any] = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    if multi_kernel:
+        # torch.compile takes a mode or Inductor options, not both
+        inductor = {"options": {"triton.multi_kernel": 1, **({"triton.cudagraphs": True} if cuda_graphs else {})}}
+    if not regional:
+        compiled = torch.compile(model, backend=backend, dynamic=False, **inductor)
+    else:
+        from lite3r_compile.api import structural_copy
+        from lite3r_compile.backends.regions import compile_blocks
+
+        compiled, _ = structural_copy(model)
+        compile_blocks(compiled, backend=backend, dynamic=None, **inductor)
+    return CudaGraphSteps(compiled) if cuda_graphs else compiled
+
+
+class CudaGraphSteps(nn.Module):
+    """``module`` with each call marked as a new step of Inductor's CUDA graph trees
+    (``torch.compiler.cudagraph_mark_step_begin``), as a deployed student with CUDA graphs does."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.module(*args, **kwargs)

@@ -38,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build every student with this lite() backend (default fp8; eager runs them uncompiled, for CPU tests)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of dense_compiled (default inductor; eager/aot_eager for tests)")
+    parser.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
+                        help="what every compiled variant compiles: its repeated blocks one by one, the rest eager "
+                             "(default; LiteConfig.regional_compile), or the whole model as one graph")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="every compiled variant replays its graphs as CUDA graphs (LiteConfig.cuda_graphs; "
+                             "mode='reduce-overhead' for dense_compiled)")
+    parser.add_argument("--inductor-multi-kernel", action="store_true",
+                        help="every compiled variant lets Inductor time persistent against looped versions of its wide "
+                             "reductions (LiteConfig.inductor_multi_kernel; triton.multi_kernel)")
     parser.add_argument("--breakdown-frames", type=int, nargs="*", default=[8, 32],
                         help="frame counts profiled for the per-op breakdown (default 8 32)")
     parser.add_argument("--no-correctness", action="store_true", help="skip the eager-student error checks")
@@ -55,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue a result cut short: keep its finished runs (same configuration and device), "
                              "run the rest")
     parser.add_argument("--replot", default=None, metavar="JSON",
-                        help="run nothing: redraw the PNG and reprint the tables of an existing result JSON")
+                        help="run nothing: judge the claims again (written back into JSON), redraw the PNG and reprint the tables")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -66,7 +75,9 @@ def config_from_args(args: argparse.Namespace):
         variants=tuple(args.variants), out=args.out, name=args.name, device=args.device,
         time_budget_s=args.time_budget_s,
         students=StudentOptions(topk=args.topk, sla_scopes=tuple(args.sla_scopes), backend=args.student_backend,
-                                bf16_dense_heads=args.bf16_dense_heads),
+                                bf16_dense_heads=args.bf16_dense_heads,
+                                regional_compile=args.compile_scope == "blocks", cuda_graphs=args.cuda_graphs,
+                                inductor_multi_kernel=args.inductor_multi_kernel),
         compile_backend=args.compile_backend, breakdown_frames=tuple(args.breakdown_frames),
         correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
         image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,
@@ -78,10 +89,14 @@ def replot(path: str) -> int:
     import json
     from pathlib import Path
 
+    from lite3r_compile.bench.claims import check_claims
     from lite3r_compile.bench.plot import plot_results
     from lite3r_compile.bench.runner import summary_text
 
     result = json.loads(Path(path).read_text())
+    # the claims follow from the records: judged again by this version, and written back
+    result["claims"] = check_claims(result["runs"], result["exact_checks"])
+    Path(path).write_text(json.dumps(result, indent=1))
     print(summary_text(result))
     print(plot_results(result, Path(path).with_suffix(".png")))
     return 0

@@ -213,8 +213,11 @@ def _decide(
         )
     if matches_any(path, config.include):
         return True, "include", f"FP8Config.include {_first_match(path, config.include)!r}"
+    block = next((b for b in blocks if _inside(path, b)), None)
     patch_embed = ancestor_named(path, PATCH_EMBED_NAME_GLOBS) if config.skip_patch_embed else None
-    if patch_embed is not None:
+    # a transformer block inside a module named like a patch embedding (VGGT calls its DINOv2
+    # backbone `patch_embed`) does not see pixels: only the embedding's own layers stay high
+    if patch_embed is not None and not (block or "").startswith(patch_embed + "."):
         return False, "patch_embed", (
             f"under patch embedding {patch_embed!r} (FP8Config.skip_patch_embed)"
         )
@@ -223,7 +226,6 @@ def _decide(
         return False, "head", f"under head {head!r} (FP8Config.skip_heads)"
     if not blocks:
         return True, "no_attention", "no attention in the model: every Linear outside heads"
-    block = next((b for b in blocks if _inside(path, b)), None)
     if block is None:
         return False, "outside", "outside every transformer block"
     return True, "block", f"in transformer block {block!r}"

@@ -1,0 +1,203 @@
+"""Regional compilation: each repeated block compiled once per class and shape, the rest eager."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lite3r_compile.api import lite
+from lite3r_compile.backends.deploy import deploy
+from lite3r_compile.backends.regions import compile_blocks, repeated_blocks
+from lite3r_compile.backends.serialization import load_deployable, save_deployable
+from lite3r_compile.config import LiteConfig
+from lite3r_compile.sla.config import SLAConfig
+
+DIM, HEADS, TOKENS = 32, 2, 32
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(DIM)
+        self.attn = Attention()
+        self.norm2 = nn.LayerNorm(DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Stage(nn.Module):
+    """A block that holds a list of blocks of its own: compiled whole, as one region."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        for block in self.inner:
+            x = block(x)
+        return x
+
+
+class Alternating(nn.Module):
+    """Tokens (B, S, P, C): 3 frame blocks over (B*S, P), 2 global blocks over (B, S*P), a list
+    of leaf layers (not blocks), a list of two classes (not repeated), two stages, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.frame_blocks = nn.ModuleList([Block() for _ in range(3)])
+        self.global_blocks = nn.ModuleList([Block() for _ in range(2)])
+        self.projects = nn.ModuleList([nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)])
+        self.mixed = nn.ModuleList([Block(), nn.Sequential(nn.Linear(DIM, DIM), nn.GELU())])
+        self.stages = nn.Sequential(Stage(), Stage())
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, tokens):
+        b, s, p, c = tokens.shape
+        x = tokens.reshape(b * s, p, c)
+        for block in self.frame_blocks:
+            x = block(x)
+        x = x.reshape(b, s * p, c)
+        for block in self.global_blocks:
+            x = block(x)
+        for layer in self.projects:
+            x = x + layer(x)
+        x = self.mixed[1](self.mixed[0](x))
+        return self.head(self.stages(x)).reshape(b, s, p, 3)
+
+    def example_inputs(self):
+        return (torch.randn(1, 2, TOKENS, DIM, generator=torch.Generator().manual_seed(0)),)
+
+
+def make_model() -> Alternating:
+    torch.manual_seed(0)
+    return Alternating().eval()
+
+
+def tokens(frames: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(1, frames, TOKENS, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+    torch._dynamo.reset()
+
+
+def test_repeated_blocks_are_the_outermost_lists_of_one_block_class():
+    groups = repeated_blocks(make_model())
+    assert [(g.path, g.class_name, g.count) for g, _ in groups] == [
+        ("frame_blocks", "Block", 3), ("global_blocks", "Block", 2), ("stages", "Stage", 2),
+    ]
+    model = make_model()
+    assert [len(blocks) for _, blocks in repeated_blocks(model)] == [3, 2, 2]
+    assert repeated_blocks(model)[0][1][0] is model.frame_blocks[0]
+
+
+def test_blocks_of_one_class_and_shape_share_one_graph_and_compute_what_eager_does():
+    from torch._dynamo.utils import counters
+
+    model = make_model()
+    x = tokens(2)
+    with torch.no_grad():
+        expected = model(x)
+        groups = compile_blocks(model, backend="aot_eager", dynamic=False)
+        assert [g.path for g in groups] == ["frame_blocks", "global_blocks", "stages"]
+        out = model(x)
+        again = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    # Block on (2, 32) tokens, Block on (1, 64), Stage on (1, 64): three graphs for seven blocks,
+    # none recompiled on the second call
+    assert counters["stats"]["unique_graphs"] == 3
+    assert counters["frames"]["ok"] == 3
+
+
+def test_a_model_without_repeated_blocks_is_an_error():
+    with pytest.raises(ValueError, match="Linear has no repeated blocks.*regional_compile=False"):
+        compile_blocks(nn.Linear(4, 4))
+
+
+def test_a_regional_student_compiles_its_blocks_and_round_trips(tmp_path):
+    from torch._dynamo.utils import counters
+
+    teacher = make_model()
+    config = LiteConfig(sla=SLAConfig(topk=0.5, block_q=16, block_k=16), regional_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = lite(teacher, backend="fp8", config=config).eval()
+        deployed = deploy(student, "fp8", compile=True)
+    assert deployed.record.compiled_blocks == [
+        "frame_blocks: 3 x Block", "global_blocks: 2 x Block", "stages: 2 x Stage",
+    ]
+    assert deployed.record.float8_layers  # FP8 layers inside and outside the compiled blocks
+    x = tokens(2)
+    with torch.no_grad():
+        out = deployed(x)
+        eager = type(student).forward(student, x)
+    assert ((out - eager).norm() / eager.norm()).item() < 2e-2
+    # Each rewritten attention is a GraphModule of its own class; with the classes shared, the 7
+    # blocks compile 4 graphs on torch 2.13 (frame and global Block, the global Block again
+    # because the first one's input is a view, Stage), not 7. The same call again compiles none.
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 5
+    with torch.no_grad():
+        deployed(x)
+        assert counters["stats"]["unique_graphs"] == graphs
+        deployed(tokens(3))  # a second frame count makes the frame dims dynamic
+        graphs = counters["stats"]["unique_graphs"]
+        bigger = deployed(tokens(4))  # and the third compiles nothing
+        eager4 = type(student).forward(student, tokens(4))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert ((bigger - eager4).norm() / eager4.norm()).item() < 2e-2
+
+    path = tmp_path / "student.safetensors"
+    save_deployable(student, path)
+    loaded = load_deployable(path, model=make_model(), compile=True)
+    assert loaded.record.compiled_blocks == deployed.record.compiled_blocks
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_regional_blocks_replay_as_cuda_graphs_call_after_call():
+    teacher = make_model().cuda()
+    config = LiteConfig(sla=SLAConfig(topk=0.5, block_q=16, block_k=16), regional_compile=True)
+    example = (tokens(2).cuda(),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = lite(teacher, backend="fp8", config=config, example_inputs=example).eval()
+        graphed = lite(teacher, backend="fp8", config=dataclasses.replace(config, cuda_graphs=True),
+                       example_inputs=example).eval()
+    x = tokens(2).cuda()
+    with torch.no_grad():
+        expected = student(x)  # the same regional blocks, launched kernel by kernel
+        outs = [graphed(x) for _ in range(4)]  # warm-up, recording, then replays
+    record = graphed.forward.deployed.record
+    assert record.cuda_graphs and record.compiled_blocks
+    # each call's output stays valid after the next calls (the head runs outside the graphs)
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
