@@ -229,6 +229,19 @@ def test_compile_watch_reports_frames_compiled_during_the_timed_calls():
         time_forward(steady, torch.device("cpu"), target_s=0.0, min_iters=3, max_iters=3, after_warmup=watch.mark_warm)
     assert watch.summary()["frames_compiled_while_timed"] == 0
     assert watch.graphs == 1
+    assert watch.summary()["cudagraph_skips"] == 0
+
+
+def test_compile_watch_counts_graphs_inductor_would_not_record_as_cuda_graphs():
+    from lite3r_compile.bench.variants import CompileWatch
+
+    torch._dynamo.reset()
+    # CUDA graphs asked for on CPU tensors: Inductor compiles the graph and skips the recording
+    doubled = torch.compile(lambda x: x * 2 + 1, mode="reduce-overhead")
+    with torch._inductor.config.patch(compile_threads=1), CompileWatch() as watch:
+        doubled(torch.ones(4))
+    assert watch.summary()["cudagraph_skips"] == 1
+    torch._dynamo.reset()
 
 
 def test_a_result_cut_short_is_resumed_without_running_its_finished_runs_again(tmp_path):

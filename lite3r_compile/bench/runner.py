@@ -401,6 +401,9 @@ class Benchmark:
             if backend["frames_compiled_while_timed"]:
                 log(f"  WARNING {model} S={frames} {variant}: Dynamo compiled {backend['frames_compiled_while_timed']} "
                     "frame(s) during the timed calls (a guard fails on every call): the latency includes compile work")
+            if backend["cudagraph_skips"]:
+                log(f"  WARNING {model} S={frames} {variant}: Inductor did not record {backend['cudagraph_skips']} "
+                    "graph(s) as CUDA graphs (TORCH_LOGS=cudagraphs says why)")
 
             if variant == "dense_eager":
                 self.teacher_outputs[(model, frames)] = outputs

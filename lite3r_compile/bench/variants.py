@@ -145,8 +145,10 @@ def build_students(teacher: nn.Module, names: list[str], options: StudentOptions
 
 class CompileWatch:
     """What Dynamo and Inductor did during a ``with`` block: ``graphs`` compiled, ``graph_breaks``
-    and their most frequent reasons, and the warnings they logged (a recompile limit hit, a
-    fallback), which Python's ``warnings`` does not see."""
+    and their most frequent reasons, ``cudagraph_skips`` (graphs Inductor was asked to record as
+    CUDA graphs and did not; it gives the reason only in its ``cudagraphs`` artifact log,
+    ``TORCH_LOGS=cudagraphs``), and the warnings they logged (a recompile limit hit, a fallback),
+    which Python's ``warnings`` does not see."""
 
     LOGGERS = ("torch._dynamo", "torch._inductor")
 
@@ -155,6 +157,7 @@ class CompileWatch:
 
         self.graphs = 0
         self.graph_breaks = 0
+        self.cudagraph_skips = 0
         self.frames_after_warmup: int | None = None
         self.break_reasons: dict[str, int] = {}
         self.log_messages: list[str] = []
@@ -181,6 +184,12 @@ class CompileWatch:
 
         return int(counters["frames"].get("total", 0))
 
+    @staticmethod
+    def _cudagraph_skips() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"].get("cudagraph_skips", 0))
+
     def mark_warm(self) -> None:
         """Call after the warm-up calls: Dynamo converting frames after this point (a guard that
         fails on every call) means the timed calls include compile work."""
@@ -190,6 +199,7 @@ class CompileWatch:
         import logging
 
         self._graphs0, self._breaks0 = self._counts()
+        self._skips0 = self._cudagraph_skips()
         self._frames_warm: int | None = None
         for name in self.LOGGERS:
             logging.getLogger(name).addHandler(self._handler)
@@ -202,6 +212,7 @@ class CompileWatch:
             logging.getLogger(name).removeHandler(self._handler)
         graphs, breaks = self._counts()
         self.graphs = graphs - self._graphs0
+        self.cudagraph_skips = self._cudagraph_skips() - self._skips0
         self.frames_after_warmup = None if self._frames_warm is None else self._frames() - self._frames_warm
         delta = {k: v - self._breaks0.get(k, 0) for k, v in breaks.items() if v > self._breaks0.get(k, 0)}
         self.graph_breaks = sum(delta.values())
@@ -211,7 +222,8 @@ class CompileWatch:
     def summary(self) -> dict[str, Any]:
         return {"graphs_compiled": self.graphs, "graph_breaks": self.graph_breaks,
                 "graph_break_reasons": self.break_reasons, "compile_log": self.log_messages,
-                "frames_compiled_while_timed": self.frames_after_warmup}
+                "frames_compiled_while_timed": self.frames_after_warmup,
+                "cudagraph_skips": self.cudagraph_skips}
 
 
 def backend_info(module: nn.Module, watch: CompileWatch, caught: list[str]) -> dict[str, Any]:
