@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lite3r_compile.api import lite
@@ -16,33 +15,12 @@ from lite3r_compile.backends.regions import compile_blocks, repeated_blocks
 from lite3r_compile.backends.serialization import load_deployable, save_deployable
 from lite3r_compile.config import LiteConfig
 from lite3r_compile.sla.config import SLAConfig
-
-DIM, HEADS, TOKENS = 32, 2, 32
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+from test_backend_deploy import DIM, TOKENS, Block, _fresh_dynamo, tokens  # noqa: F401 (the fixture is autouse)
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(DIM)
-        self.attn = Attention()
-        self.norm2 = nn.LayerNorm(DIM)
-        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+def block() -> nn.Module:
+    """A pre-norm transformer block with SDPA attention (the deploy tests' ``Block``)."""
+    return Block(manual=False)
 
 
 class Stage(nn.Module):
@@ -50,7 +28,7 @@ class Stage(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inner = nn.ModuleList([Block(), Block()])
+        self.inner = nn.ModuleList([block(), block()])
 
     def forward(self, x):
         for block in self.inner:
@@ -64,10 +42,10 @@ class Alternating(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.frame_blocks = nn.ModuleList([Block() for _ in range(3)])
-        self.global_blocks = nn.ModuleList([Block() for _ in range(2)])
+        self.frame_blocks = nn.ModuleList([block() for _ in range(3)])
+        self.global_blocks = nn.ModuleList([block() for _ in range(2)])
         self.projects = nn.ModuleList([nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)])
-        self.mixed = nn.ModuleList([Block(), nn.Sequential(nn.Linear(DIM, DIM), nn.GELU())])
+        self.mixed = nn.ModuleList([block(), nn.Sequential(nn.Linear(DIM, DIM), nn.GELU())])
         self.stages = nn.Sequential(Stage(), Stage())
         self.head = nn.Linear(DIM, 3)
 
@@ -93,17 +71,6 @@ def make_model() -> Alternating:
     return Alternating().eval()
 
 
-def tokens(frames: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(1, frames, TOKENS, DIM, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch._inductor.config.patch(compile_threads=1):
-        yield
-    torch._dynamo.reset()
 
 
 def test_repeated_blocks_are_the_outermost_lists_of_one_block_class():
