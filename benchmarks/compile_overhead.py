@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SETUPS = ("eager", "compiled", "compiled_no_cudnn_sdpa", "compiled_aggregator_only", "compiled_cuda_graphs",
           "regional", "regional_cuda_graphs", "student_regional", "student_regional_cuda_graphs")
-# set-ups that record CUDA graphs: each call is a new step for Inductor's CUDA graph trees
-CUDA_GRAPH_SETUPS = ("compiled_cuda_graphs", "regional_cuda_graphs", "student_regional_cuda_graphs")
 
 
 def build(depth: int, device: torch.device):
@@ -52,28 +50,17 @@ def cpu_table(prof, rows: int) -> list[dict]:
 
 def regional_student(model, spec, images, cuda_graphs: bool):
     """The e2e benchmark's fp8+SLA student (topk 0.1 at the global sites, bf16 dense heads),
-    deployed with its repeated blocks compiled; with ``cuda_graphs`` each block's graph records a
-    CUDA graph (Inductor's CUDA graph trees)."""
-    import functools
+    deployed with its repeated blocks compiled, and with ``cuda_graphs`` replayed as CUDA graphs."""
     import warnings
 
     from lite3r_compile.api import lite
-    from lite3r_compile.backends.deploy import deploy
-    from lite3r_compile.backends.regions import compile_blocks
-    from lite3r_compile.backends.registration import lite3r_backend
     from lite3r_compile.bench.variants import StudentOptions, student_plan
 
-    backend, config = student_plan("student_fp8_sla", StudentOptions(bf16_dense_heads=True, regional_compile=True),
-                                   spec.dense_heads)
+    options = StudentOptions(bf16_dense_heads=True, regional_compile=True, cuda_graphs=cuda_graphs)
+    backend, config = student_plan("student_fp8_sla", options, spec.dense_heads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        student = lite(model, backend=backend, config=config, example_inputs=(images[:, :2],)).eval()
-    if not cuda_graphs:
-        return student
-    deployed = deploy(student, "fp8", compile=False)
-    options = {"sla": False, "fp8": False, "cuda_graphs": True}
-    compile_blocks(deployed.module, backend=functools.partial(lite3r_backend, options=options))
-    return deployed.module
+        return lite(model, backend=backend, config=config, example_inputs=(images[:, :2],)).eval()
 
 
 def run_setup(name: str, model, spec, images, args) -> dict:
@@ -81,6 +68,7 @@ def run_setup(name: str, model, spec, images, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from lite3r_compile.bench import breakdown as bd
+    from lite3r_compile.bench.variants import compile_dense
 
     torch._dynamo.reset()
     counters.clear()
@@ -90,25 +78,13 @@ def run_setup(name: str, model, spec, images, args) -> dict:
     elif name == "compiled_aggregator_only":
         module = model
         model.aggregator.compile(dynamic=False)
-    elif name == "compiled_cuda_graphs":
-        module = torch.compile(model, mode="reduce-overhead", dynamic=False)
-    elif name in ("regional", "regional_cuda_graphs"):
-        from lite3r_compile.api import structural_copy
-        from lite3r_compile.backends.regions import compile_blocks
-
-        module, _ = structural_copy(model)
-        compile_blocks(module, **({"mode": "reduce-overhead"} if name == "regional_cuda_graphs" else {}))
     elif name.startswith("student_"):
         module = regional_student(model, spec, images, cuda_graphs=name.endswith("cuda_graphs"))
     else:
-        module = torch.compile(model, dynamic=False)
+        # the e2e benchmark's dense_compiled, whole or block by block, with or without CUDA graphs
+        module = compile_dense(model, "inductor", regional=name.startswith("regional"),
+                               cuda_graphs=name.endswith("cuda_graphs"))
     record: dict = {"setup": name}
-    if name in CUDA_GRAPH_SETUPS:
-        inner = module
-
-        def module(x):
-            torch.compiler.cudagraph_mark_step_begin()
-            return inner(x)
     with torch.no_grad():
         torch.cuda.synchronize()
         t = time.perf_counter()

@@ -39,6 +39,17 @@ def ancestor_named(path: str, globs: tuple[str, ...]) -> str | None:
     return None
 
 
+def pixel_embedding_of(path: str, block: str | None) -> str | None:
+    """The patch embedding (a module named like :data:`PATCH_EMBED_NAME_GLOBS`) whose own layers
+    include the layer at ``path``, or None; ``block`` is the transformer block holding the layer,
+    if any. A block inside a module named like a patch embedding (VGGT calls its whole DINOv2
+    backbone ``patch_embed``) does not see pixels, so its layers belong to no patch embedding."""
+    patch_embed = ancestor_named(path, PATCH_EMBED_NAME_GLOBS)
+    if patch_embed is None or (block or "").startswith(patch_embed + "."):
+        return None
+    return patch_embed
+
+
 def _as_globs(owner: object, name: str) -> None:
     """Accept a list or a single string where a tuple of globs is expected (frozen dataclass)."""
     value = getattr(owner, name)

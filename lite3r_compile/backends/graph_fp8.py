@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lite3r_compile.backends.fp8_linear import float8_linear, quantize_to_e4m3
 from lite3r_compile.backends.graph_attention import module_path
-from lite3r_compile.config import HEAD_NAME_GLOBS, PATCH_EMBED_NAME_GLOBS, FP8Config, ancestor_named, matches_any
+from lite3r_compile.config import HEAD_NAME_GLOBS, FP8Config, ancestor_named, matches_any, pixel_embedding_of
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 
@@ -136,9 +136,7 @@ def _decide(path: str, weight: Tensor, config: FP8Config, blocks: list[str]) -> 
     if matches_any(path, config.include):
         return True, "FP8Config.include"
     block = next((b for b in blocks if _inside(path, b)), None)
-    patch_embed = ancestor_named(path, PATCH_EMBED_NAME_GLOBS) if config.skip_patch_embed else None
-    # as lite()'s FP8 plan: blocks inside a module named like a patch embedding are quantized
-    if patch_embed is not None and not (block or "").startswith(patch_embed + "."):
+    if config.skip_patch_embed and pixel_embedding_of(path, block) is not None:
         return False, "under a patch embedding (FP8Config.skip_patch_embed)"
     if config.skip_heads and ancestor_named(path, HEAD_NAME_GLOBS) is not None:
         return False, "under a head (FP8Config.skip_heads)"

@@ -179,27 +179,21 @@ class CompileWatch:
         return int(counters["stats"].get("unique_graphs", 0)), dict(counters["graph_break"])
 
     @staticmethod
-    def _frames() -> int:
+    def _count(group: str, key: str) -> int:
         from torch._dynamo.utils import counters
 
-        return int(counters["frames"].get("total", 0))
-
-    @staticmethod
-    def _cudagraph_skips() -> int:
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"].get("cudagraph_skips", 0))
+        return int(counters[group].get(key, 0))
 
     def mark_warm(self) -> None:
         """Call after the warm-up calls: Dynamo converting frames after this point (a guard that
         fails on every call) means the timed calls include compile work."""
-        self._frames_warm = self._frames()
+        self._frames_warm = self._count("frames", "total")
 
     def __enter__(self) -> "CompileWatch":
         import logging
 
         self._graphs0, self._breaks0 = self._counts()
-        self._skips0 = self._cudagraph_skips()
+        self._skips0 = self._count("inductor", "cudagraph_skips")
         self._frames_warm: int | None = None
         for name in self.LOGGERS:
             logging.getLogger(name).addHandler(self._handler)
@@ -212,8 +206,8 @@ class CompileWatch:
             logging.getLogger(name).removeHandler(self._handler)
         graphs, breaks = self._counts()
         self.graphs = graphs - self._graphs0
-        self.cudagraph_skips = self._cudagraph_skips() - self._skips0
-        self.frames_after_warmup = None if self._frames_warm is None else self._frames() - self._frames_warm
+        self.cudagraph_skips = self._count("inductor", "cudagraph_skips") - self._skips0
+        self.frames_after_warmup = None if self._frames_warm is None else self._count("frames", "total") - self._frames_warm
         delta = {k: v - self._breaks0.get(k, 0) for k, v in breaks.items() if v > self._breaks0.get(k, 0)}
         self.graph_breaks = sum(delta.values())
         top = sorted(delta.items(), key=lambda kv: -kv[1])[:5]

@@ -27,11 +27,11 @@ from torch import nn
 from lite3r_compile.config import (
     GRANULARITIES,
     HEAD_NAME_GLOBS,
-    PATCH_EMBED_NAME_GLOBS,
     FP8Config,
     LiteConfig,
     ancestor_named,
     matches_any,
+    pixel_embedding_of,
 )
 from lite3r_compile.passes.manager import PassResult
 
@@ -214,10 +214,8 @@ def _decide(
     if matches_any(path, config.include):
         return True, "include", f"FP8Config.include {_first_match(path, config.include)!r}"
     block = next((b for b in blocks if _inside(path, b)), None)
-    patch_embed = ancestor_named(path, PATCH_EMBED_NAME_GLOBS) if config.skip_patch_embed else None
-    # a transformer block inside a module named like a patch embedding (VGGT calls its DINOv2
-    # backbone `patch_embed`) does not see pixels: only the embedding's own layers stay high
-    if patch_embed is not None and not (block or "").startswith(patch_embed + "."):
+    patch_embed = pixel_embedding_of(path, block) if config.skip_patch_embed else None
+    if patch_embed is not None:
         return False, "patch_embed", (
             f"under patch embedding {patch_embed!r} (FP8Config.skip_patch_embed)"
         )
