@@ -12,6 +12,10 @@
 # VGGT-1B runs (a compile takes ~3 minutes). To go on in the next call, copy $OUT/e2e/e2e.json into
 # the working tree and name it: E2E_RESUME=benchmarks/results/e2e_partial.json bash ... e2e
 #
+# `teacher` passes $TEACHER_FLAGS on to benchmarks/train_teacher.py (e.g. --distinct-walls).
+# `whole` compiles the whole model (not block by block) at S=32, for the memory target: dense
+# eager against the fp8+SLA student.
+#
 # `quality` studies the teacher in benchmarks/assets (the committed one, trained on a CPU at
 # 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224).
 #
@@ -28,7 +32,8 @@ export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 
 declare -A LIMIT=(
-    [tests]=240 [overhead]=240 [kernels]=300 [distill]=480 [e2e]=540 [teacher]=570 [quality]=540
+    [tests]=240 [overhead]=240 [kernels]=300 [quant]=120 [distill]=480 [e2e]=540 [whole]=420 [teacher]=570
+    [quality]=540
 )
 
 # A stage with a time budget of its own gets its limit less the time to build, save and plot.
@@ -41,6 +46,7 @@ stage() {
     tests) python -m pytest -m gpu -q -n 4 -p no:cacheprovider tests ;;
     overhead) python benchmarks/compile_overhead.py --out "$dir" ;;
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
+    quant) python benchmarks/fp8_quant.py --frames 8 32 --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
         --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
     # then the Triton source of the hottest Inductor kernels, to read after the machine is gone
@@ -48,7 +54,10 @@ stage() {
         ${E2E_RESUME:+--resume "$E2E_RESUME"} --out "$dir" \
         ; python benchmarks/kernel_sources.py "$dir/e2e.json" --out "$dir/kernels" \
         && tar -czf "$dir/kernels.tar.gz" -C "$dir" kernels && rm -r "$dir/kernels" ;;
-    teacher) python benchmarks/train_teacher.py --minutes 8 --out "$dir" ;;
+    whole) python benchmarks/e2e.py --models vggt-1b --frames 32 --variants dense_eager student_fp8_sla \
+        --compile-scope model --bf16-dense-heads ${E2E_FLAGS:-} --breakdown-frames --time-budget-s $((limit - 60)) \
+        --name e2e_whole --out "$dir" ;;
+    teacher) python benchmarks/train_teacher.py --minutes 8 ${TEACHER_FLAGS:-} --out "$dir" ;;
     quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;
     esac

@@ -62,7 +62,7 @@ from torch import nn
 from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
 from lite3r_compile.backends.deploy import deploy
 from lite3r_compile.distill.evaluate import evaluate
-from lite3r_compile.distill.synthetic import RenderedScenes, SyntheticSceneConfig
+from lite3r_compile.distill.synthetic import RenderedScenes
 from lite3r_compile.distill.trainer import DistillConfig, distill
 from lite3r_compile.sensitivity import block_globs, fp8_sensitivity
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = tt.SceneSampling(**record["sampling"])
     args.views, size = sampling.views, sampling.image_size
     heldout = tt.heldout_batches(args.eval_scenes, sampling, workers=args.workers, device=device)
-    data = RenderedScenes(args.train_scenes, SyntheticSceneConfig(num_views=sampling.views, height=size, width=size),
+    data = RenderedScenes(args.train_scenes, sampling.scene_config(sampling.views),
                           seed=args.seed, processes=args.workers)
     example = heldout[0]["images"]
 

@@ -88,11 +88,18 @@ TINY_ARCH = TeacherArch(image_size=28, width=64, depth=2, heads=1, dpt_features=
 
 @dataclass(frozen=True)
 class SceneSampling:
-    """How a training or evaluation sample is drawn: ``views`` of ``rendered_views`` views."""
+    """How a training or evaluation sample is drawn: ``views`` of ``rendered_views`` views of a
+    scene (``distinct_walls``: see :class:`SyntheticSceneConfig`)."""
 
     image_size: int = 224
     views: int = 8
     rendered_views: int = 12
+    distinct_walls: bool = False
+
+    def scene_config(self, num_views: int | None = None) -> SyntheticSceneConfig:
+        """The scene renderer's config: ``num_views`` views (default ``rendered_views``)."""
+        return SyntheticSceneConfig(num_views=num_views or self.rendered_views, height=self.image_size,
+                                    width=self.image_size, distinct_walls=self.distinct_walls)
 
 
 def build_teacher(arch: TeacherArch) -> nn.Module:
@@ -137,8 +144,7 @@ def load_teacher(path: str | os.PathLike = ASSETS / f"{TEACHER_NAME}.safetensors
 
 def render_compact(seed: int, sampling: SceneSampling) -> dict[str, Tensor]:
     """Scene ``seed`` with ``rendered_views`` views: uint8 images, fp16 depth, float32 cameras."""
-    size = sampling.image_size
-    scene = render_scene(seed, SyntheticSceneConfig(num_views=sampling.rendered_views, height=size, width=size))
+    scene = render_scene(seed, sampling.scene_config())
     return {
         "images": (scene["images"] * 255).round().to(torch.uint8),
         "depth": scene["depth"].to(torch.float16),
@@ -429,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "CPU, where render workers would otherwise share the training's cores")
     parser.add_argument("--eval-scenes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distinct-walls", action="store_true",
+                        help="scenes whose six room faces have colours of their own (pose readable per view)")
     parser.add_argument("--tiny", action="store_true", help="toy model on 28x28 images (CPU tests)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where the weights and JSON go")
     parser.add_argument("--out", type=Path, default=None, help="also copy the outputs here")
@@ -441,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          ("depth", args.depth), ("heads", args.heads))
                                         if v is not None})
     views = args.views or (4 if args.tiny else 8)
-    sampling = SceneSampling(image_size=arch.image_size, views=views, rendered_views=views + (2 if args.tiny else 4))
+    sampling = SceneSampling(image_size=arch.image_size, views=views, rendered_views=views + (2 if args.tiny else 4),
+                             distinct_walls=args.distinct_walls)
     workers = args.workers if args.workers is not None else (0 if args.tiny else max(1, (os.cpu_count() or 2) - 2))
     settings = TrainSettings(
         minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,

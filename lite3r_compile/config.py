@@ -145,8 +145,9 @@ class LiteConfig:
     give their heads (:mod:`lite3r_compile.backends.head_precision`). The eager student and
     distillation keep the heads as they are.
     ``regional_compile``: the deployed form compiles each repeated block (one graph per block
-    class and shape, reused by every block of the class) instead of the whole model, and runs the
-    rest eagerly (:mod:`lite3r_compile.backends.regions`): a fraction of the compile time.
+    class and shape, reused by every block of the class) and each head instead of the whole model,
+    and runs the rest eagerly (:mod:`lite3r_compile.backends.regions`): a fraction of the compile
+    time.
     ``cuda_graphs``: the deployed form on a CUDA GPU replays its compiled graphs as CUDA graphs
     (Inductor's CUDA graph trees; each eval call is a new step), which removes their launch
     overhead; a new input shape records new graphs.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -41,6 +42,23 @@ def test_depth_cameras_and_points_agree():
     R, t = scene["extrinsics"][1, :, :3], scene["extrinsics"][1, :, 3]
     cam1 = scene["world_points"][0] @ R.T + t
     assert (cam1[..., 2] > 0).float().mean() > 0.5
+
+
+def test_distinct_walls_recolour_the_room_and_nothing_else():
+    config = dataclasses.replace(SMALL, first_view_frame=False, num_views=4)
+    plain = render_scene(11, config)
+    walls = render_scene(11, dataclasses.replace(config, distinct_walls=True))
+    for key in ("depth", "world_points", "extrinsics", "intrinsics"):
+        assert torch.equal(plain[key], walls[key]), key
+    # world frame: the room is the box [-4, 4] x [0, 3] x [-4, 4]; objects are inside it
+    p, eps = plain["world_points"], 1e-3
+    on_room = ((p[..., 0].abs() > 4 - eps) | (p[..., 2].abs() > 4 - eps) | (p[..., 1] < eps) | (p[..., 1] > 3 - eps))
+    changed = (plain["images"] != walls["images"]).any(dim=1)  # (S, H, W)
+    assert on_room.any() and (~on_room).any()
+    assert not changed[~on_room].any()
+    # every face but the one that keeps the room's colour is recoloured, and the floor is one
+    floor = p[..., 1] < eps
+    assert changed[floor].float().mean() > 0.9
 
 
 def test_synthetic_dataset_indexing():

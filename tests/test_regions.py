@@ -102,6 +102,67 @@ def test_blocks_of_one_class_and_shape_share_one_graph_and_compute_what_eager_do
     assert counters["frames"]["ok"] == 3
 
 
+class CameraHead(nn.Module):
+    """A head that runs its trunk of blocks in a loop of its own: its blocks are the region."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(block(), block())
+        self.out = nn.Linear(DIM, 9)
+
+    def forward(self, x):
+        for _ in range(2):
+            x = self.trunk(x)
+        return self.out(x)
+
+
+class DepthHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(DIM), nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class WithHeads(nn.Module):
+    """Two blocks, a list of layer stacks (not blocks), a dense head and a camera head."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([block(), block()])
+        self.stacks = nn.ModuleList([nn.Sequential(nn.Linear(DIM, DIM), nn.GELU()) for _ in range(2)])
+        self.depth_head = DepthHead()
+        self.camera_head = CameraHead()
+
+    def forward(self, x):
+        for layer in (*self.blocks, *self.stacks):
+            x = layer(x)
+        return self.depth_head(x), self.camera_head(x)
+
+
+def test_heads_are_regions_unless_they_hold_repeated_blocks():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = WithHeads().eval()
+    x = torch.randn(2, TOKENS, DIM)
+    with torch.no_grad():
+        expected = model(x)
+        groups = compile_blocks(model, backend="aot_eager", dynamic=False)
+        out = model(x)
+    assert [(g.path, g.class_name, g.count) for g in groups] == [
+        ("blocks", "Block", 2), ("camera_head.trunk", "Block", 2), ("depth_head", "DepthHead", 1),
+    ]
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
+    # the blocks and the camera trunk's blocks share one graph (one class, one shape), the head has its own
+    assert counters["stats"]["unique_graphs"] == 2
+    assert [g.path for g in compile_blocks(WithHeads(), heads=False, backend="aot_eager")] == [
+        "blocks", "camera_head.trunk",
+    ]
+
+
 def test_a_model_without_repeated_blocks_is_an_error():
     with pytest.raises(ValueError, match="Linear has no repeated blocks.*regional_compile=False"):
         compile_blocks(nn.Linear(4, 4))

@@ -241,12 +241,12 @@ def compile_for_inference(module: nn.Module, *, cuda_graphs: bool = False, dynam
     """``torch.compile`` through Inductor with the ``lite3r`` backend's bookkeeping and nothing
     rewritten (the module is lowered already): graph breaks are reported by a
     ``GraphBreakWarning`` and each graph leaves a ``GraphReport``. With ``regional``, the repeated
-    blocks are compiled in place instead (:func:`~lite3r_compile.backends.regions.compile_blocks`),
-    each block's graph a CUDA graph of its own with ``cuda_graphs``. ``multi_kernel``: the
-    ``lite3r`` backend's option of that name.
+    blocks and the heads are compiled in place instead
+    (:func:`~lite3r_compile.backends.regions.compile_blocks`), each region's graph a CUDA graph of
+    its own with ``cuda_graphs``. ``multi_kernel``: the ``lite3r`` backend's option of that name.
 
-    Returns what to call (the compiled module, or ``module`` itself when regional) and the lists
-    of repeated blocks compiled, as ``"path: count x Class"`` (empty unless regional).
+    Returns what to call (the compiled module, or ``module`` itself when regional) and the regions
+    compiled, as ``"path: count x Class"`` (empty unless regional).
     """
     from lite3r_compile.backends.regions import compile_blocks
     from lite3r_compile.backends.registration import lite3r_backend

@@ -288,7 +288,7 @@ def compile_dense(model: nn.Module, backend: str, *, regional: bool = False, cud
     """``torch.compile(model)`` with Dynamo backend ``backend`` (``inductor`` by default;
     ``eager`` / ``aot_eager`` only trace, for tests), static shapes (each frame count compiles its
     own graphs, as the students' do after ``torch._dynamo.reset()``). With ``regional``, a copy
-    of ``model`` sharing its weights, with its repeated blocks compiled one by one
+    of ``model`` sharing its weights, with its repeated blocks and heads compiled one by one
     (:func:`lite3r_compile.backends.regions.compile_blocks`; ``model`` itself stays eager), with
     automatic dynamic shapes as the students' regional blocks: a block class that runs on two
     shapes (frame and global attention) compiles a graph with dynamic token dims.

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of dense_compiled (default inductor; eager/aot_eager for tests)")
     parser.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
-                        help="what every compiled variant compiles: its repeated blocks one by one, the rest eager "
+                        help="what every compiled variant compiles: its repeated blocks and heads one by one, the rest eager "
                              "(default; LiteConfig.regional_compile), or the whole model as one graph")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="every compiled variant replays its graphs as CUDA graphs (LiteConfig.cuda_graphs; "

@@ -12,6 +12,12 @@ cameras on a jittered ring looking at the room's centre. Every pixel is ray-cast
 
 With ``first_view_frame=True`` (the VGGT convention) the world frame is the first camera's, so
 ``extrinsics[0]`` is [I | 0].
+
+With ``distinct_walls=True`` each of the room's six faces (four walls, floor, ceiling) has a colour
+of its own instead of one colour for the whole room. One view then shows which way it looks, and
+the relative pose of two views can be read from which walls each sees; with one room colour it is
+a correspondence problem over a periodic texture and the few objects in the middle. The geometry,
+the cameras and the objects of scene ``seed`` are the same either way.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class SyntheticSceneConfig:
     room_height: float = 3.0
     ring_radius: float = 2.5
     first_view_frame: bool = True
+    distinct_walls: bool = False
 
     def __post_init__(self) -> None:
         if self.num_views < 1 or self.height < 1 or self.width < 1:
@@ -133,6 +140,11 @@ def render_scene(seed: int, config: SyntheticSceneConfig = SyntheticSceneConfig(
         [uniform(n_obj, lo=-1.2, hi=1.2), uniform(n_obj, lo=0.3, hi=height - 0.6), uniform(n_obj, lo=-1.2, hi=1.2)], dim=-1
     )
     obj_sizes = uniform(n_obj, 3, lo=0.2, hi=0.55)
+    # Drawn last, so the rest of the scene does not depend on the option.
+    faces = 6 if config.distinct_walls else 1
+    if config.distinct_walls:
+        palette = torch.cat([palette[:1], uniform(faces - 1, 3, lo=0.15, hi=1.0), palette[1:]])
+        frequency = torch.cat([frequency[:1].expand(faces - 1), frequency])
 
     # Rays through pixel centres, in world coordinates.
     v, u = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
@@ -149,18 +161,22 @@ def render_scene(seed: int, config: SyntheticSceneConfig = SyntheticSceneConfig(
         o, d = origins[s], world_dirs[s]
         room_lo = torch.tensor([-half, 0.0, -half])
         room_hi = torch.tensor([half, height, half])
-        cand = [(_box_hit(o, d, room_lo, room_hi, inside=True), 0)]
+        t_room, n_room = _box_hit(o, d, room_lo, room_hi, inside=True)
+        # the room's faces are ids 0 .. faces-1 (face 2 * axis + (inward normal > 0)), objects follow
+        room_id = _face_index(n_room) if faces > 1 else torch.zeros_like(best_id[s])
+        cand = [(t_room, n_room, room_id)]
         for j in range(n_obj):
             c, size = obj_centres[j], obj_sizes[j]
             if kinds[j]:
-                cand.append((_sphere_hit_unnormalised(o, d, c, size[0].item()), j + 1))
+                t_hit, n_hit = _sphere_hit_unnormalised(o, d, c, size[0].item())
             else:
-                cand.append((_box_hit(o, d, c - size, c + size, inside=False), j + 1))
-        for (t_hit, n_hit), obj in cand:
+                t_hit, n_hit = _box_hit(o, d, c - size, c + size, inside=False)
+            cand.append((t_hit, n_hit, torch.full_like(best_id[s], faces + j)))
+        for t_hit, n_hit, obj in cand:
             closer = t_hit < best_t[s]
             best_t[s] = torch.where(closer, t_hit, best_t[s])
             best_n[s] = torch.where(closer[..., None], n_hit, best_n[s])
-            best_id[s] = torch.where(closer, torch.full_like(best_id[s], obj), best_id[s])
+            best_id[s] = torch.where(closer, obj, best_id[s])
 
     world_points = origins[:, None, None, :] + best_t[..., None] * world_dirs
     depth = best_t  # the ray direction has unit z in camera coordinates
@@ -179,6 +195,13 @@ def render_scene(seed: int, config: SyntheticSceneConfig = SyntheticSceneConfig(
         "extrinsics": extrinsics,
         "intrinsics": intrinsics,
     }
+
+
+def _face_index(normal: Tensor) -> Tensor:
+    """Index 0..5 of the axis-aligned face with unit ``normal`` (..., 3): 2 * axis + (normal > 0)."""
+    axis = normal.abs().argmax(dim=-1)
+    positive = normal.gather(-1, axis[..., None]).squeeze(-1) > 0
+    return 2 * axis + positive.long()
 
 
 def _sphere_hit_unnormalised(origin: Tensor, dirs: Tensor, centre: Tensor, radius: float) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,136 @@
+"""GELU + rowwise FP8 quantization of an MLP's hidden activations: Inductor's kernel against
+the alternatives, at VGGT-1B shapes, on one GPU.
+
+In the FP8 student, ``fc2``'s input ``gelu(fc1(x))`` (M x 4096, bf16, M = S * 1374 tokens) is
+quantized rowwise: per row, ``scale = max(|y|) / 448`` and ``q = clamp(y / scale) -> e4m3``.
+Inductor fuses the GELU into that reduction, but as a looped reduction (the row is wider than its
+persistent limit of 1024), which reads the row and computes erf twice: 0.165 ms at S=8 and
+0.67 ms at S=32 in session 5, 0.8 TB/s (``benchmarks/NOTES.md``). The floor is one read of
+2 bytes and one write of 1 byte an element: M * 4096 * 3 bytes.
+
+Timed (CUDA events via triton's ``do_bench``, median), each against the floor at the measured
+copy bandwidth:
+
+- ``gelu``:          compiled ``gelu(y)`` alone, bf16 in and out (4 bytes an element; reference)
+- ``inductor``:      compiled ``quantize_to_e4m3(gelu(y))``, Inductor's defaults
+- ``multi_kernel``:  the same with ``triton.multi_kernel=1`` (a persistent variant, timed at run time)
+- ``coordinate_descent``: the same with ``coordinate_descent_tuning=True``
+- ``triton_rows``:   a hand-written kernel here: a few rows a program, each row loaded once,
+                     erf once, amax, scale and e4m3 stores (a candidate, not used by the backend)
+
+and, for each, whether its e4m3 bytes and scales equal the eager reference's.
+
+    python benchmarks/fp8_quant.py --frames 8 32 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lite3r_compile.backends.fp8_linear import quantize_to_e4m3
+from lite3r_compile.passes.fp8_qat import AMAX_FLOOR, E4M3_MAX
+
+HIDDEN = 4096
+TOKENS_PER_FRAME = 1374
+
+
+def gelu_quant_rows_kernel():
+    """The hand-written candidate: ``(y (M, N) bf16) -> (q (M, N) e4m3, scale (M, 1) float32)``."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(y_ptr, q_ptr, scale_ptr, M, N, stride_y, stride_q,
+               ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # F.gelu on bf16 rounds its result to bf16; so does this, to quantize the same values
+        g = (0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))).to(tl.bfloat16).to(tl.float32)
+        amax = tl.max(tl.abs(g), axis=1)
+        scale = tl.maximum(amax, AMAX_FLOOR) / E4M3_MAX
+        q = tl.clamp(g / scale[:, None], -E4M3_MAX, E4M3_MAX)
+        tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+
+    def run(y: torch.Tensor, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        M, N = y.shape
+        q = torch.empty_like(y, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(M, 1, device=y.device, dtype=torch.float32)
+        kernel[(triton.cdiv(M, rows),)](y, q, scale, M, N, y.stride(0), q.stride(0),
+                                        ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=8)
+        return q, scale
+
+    return run
+
+
+def reference(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_to_e4m3(F.gelu(y), rowwise=True)
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Fraction of e4m3 bytes equal to the reference's, and the scales' largest relative error."""
+    q, s = got
+    equal = (q.view(torch.uint8) == want[0].view(torch.uint8)).float().mean().item()
+    return {"q_equal": equal, "scale_rel_err": ((s - want[1]).abs() / want[1]).max().item()}
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    dev = "cuda"
+    hand = gelu_quant_rows_kernel()
+    rows = []
+    for frames in args.frames:
+        M = frames * TOKENS_PER_FRAME
+        y = torch.randn(M, HIDDEN, device=dev, dtype=torch.bfloat16) * 2
+        want = reference(y)
+        copy_ms = bench(lambda: y.clone())
+        copy_tbs = 2 * y.numel() * 2 / copy_ms / 1e9
+        floor_bytes = y.numel() * 3 + M * 4
+        candidates = {"gelu": torch.compile(F.gelu)}
+        for name, options in {"inductor": {}, "multi_kernel": {"triton.multi_kernel": 1},
+                              "coordinate_descent": {"coordinate_descent_tuning": True}}.items():
+            candidates[name] = torch.compile(reference, options=options)
+        candidates["triton_rows"] = hand
+        for name, fn in candidates.items():
+            torch._dynamo.reset()  # each compiled candidate compiles on its first call, with its own options
+            out = fn(y)
+            ms = bench(lambda: fn(y))
+            bytes_moved = y.numel() * 4 if name == "gelu" else floor_bytes
+            row = {"frames": frames, "M": M, "N": HIDDEN, "variant": name, "ms": ms,
+                   "tb_per_s": bytes_moved / ms / 1e9, "floor_ms": floor_bytes / copy_tbs / 1e9,
+                   "copy_tb_per_s": copy_tbs}
+            if name != "gelu":
+                row.update(agreement(out, want))
+            rows.append(row)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    (out_dir / "fp8_quant.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(meta)
+    print(f"{'S':>3} {'variant':>19} {'ms':>7} {'TB/s':>6} {'floor ms':>8} {'q equal':>8} {'scale err':>9}")
+    for r in rows:
+        print(f"{r['frames']:>3} {r['variant']:>19} {r['ms']:7.3f} {r['tb_per_s']:6.2f} {r['floor_ms']:8.3f} "
+              f"{r.get('q_equal', float('nan')):8.4f} {r.get('scale_rel_err', float('nan')):9.2e}")
+
+
+if __name__ == "__main__":
+    main()
