@@ -47,7 +47,7 @@ def gelu_quant_rows_kernel():
 
     @triton.jit
     def kernel(y_ptr, q_ptr, scale_ptr, M, N, stride_y, stride_q,
-               ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+               FLOOR: tl.constexpr, FP8_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -55,8 +55,8 @@ def gelu_quant_rows_kernel():
         # F.gelu on bf16 rounds its result to bf16; so does this, to quantize the same values
         g = (0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))).to(tl.bfloat16).to(tl.float32)
         amax = tl.max(tl.abs(g), axis=1)
-        scale = tl.maximum(amax, AMAX_FLOOR) / E4M3_MAX
-        q = tl.clamp(g / scale[:, None], -E4M3_MAX, E4M3_MAX)
+        scale = tl.maximum(amax, FLOOR) / FP8_MAX
+        q = tl.clamp(g / scale[:, None], -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
@@ -65,7 +65,7 @@ def gelu_quant_rows_kernel():
         q = torch.empty_like(y, dtype=torch.float8_e4m3fn)
         scale = torch.empty(M, 1, device=y.device, dtype=torch.float32)
         kernel[(triton.cdiv(M, rows),)](y, q, scale, M, N, y.stride(0), q.stride(0),
-                                        ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=8)
+                                        FLOOR=AMAX_FLOOR, FP8_MAX=E4M3_MAX, ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=8)
         return q, scale
 
     return run

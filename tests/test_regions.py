@@ -211,21 +211,24 @@ def test_a_regional_student_compiles_its_blocks_and_round_trips(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_regional_blocks_replay_as_cuda_graphs_call_after_call():
-    teacher = make_model().cuda()
+@pytest.mark.parametrize("model", ["alternating", "with_heads"])
+def test_regional_blocks_replay_as_cuda_graphs_call_after_call(model):
+    # with_heads: the model's outputs come out of a compiled head's graph
+    torch.manual_seed(0)
+    teacher = (make_model() if model == "alternating" else WithHeads().eval()).cuda()
     config = LiteConfig(sla=SLAConfig(topk=0.5, block_q=16, block_k=16), regional_compile=True)
-    example = (tokens(2).cuda(),)
+    x = tokens(2).cuda() if model == "alternating" else torch.randn(2, TOKENS, DIM, device="cuda")
+    example = (x,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         student = lite(teacher, backend="fp8", config=config, example_inputs=example).eval()
         graphed = lite(teacher, backend="fp8", config=dataclasses.replace(config, cuda_graphs=True),
                        example_inputs=example).eval()
-    x = tokens(2).cuda()
     with torch.no_grad():
         expected = student(x)  # the same regional blocks, launched kernel by kernel
         outs = [graphed(x) for _ in range(4)]  # warm-up, recording, then replays
     record = graphed.forward.deployed.record
     assert record.cuda_graphs and record.compiled_blocks
-    # each call's output stays valid after the next calls (the head runs outside the graphs)
+    # each call's output stays valid after the next calls (copied out of the graphs' memory)
     for out in outs:
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

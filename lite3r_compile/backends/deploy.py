@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from lite3r_compile.backends.fp8_linear import Float8Linear, has_fp8_gemm
 from lite3r_compile.backends.head_precision import lower_head_precision
@@ -95,10 +96,13 @@ class DeployedStudent(nn.Module):
         self.__dict__["_runner"] = runner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.record.cuda_graphs:
-            # one call is one step: the CUDA graph trees may reuse the previous call's memory
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._runner(*args, **kwargs)
+        if not self.record.cuda_graphs:
+            return self._runner(*args, **kwargs)
+        # One call is one step: the CUDA graph trees reuse the previous step's memory, so the
+        # outputs a graph wrote (a compiled head's maps) are copied out, to stay valid after the
+        # next call as a model's outputs do.
+        torch.compiler.cudagraph_mark_step_begin()
+        return copy_tensors(self._runner(*args, **kwargs))
 
     def refresh(self) -> None:
         """Re-quantize every ``Float8Linear`` from the student layer it was lowered from, and
@@ -108,6 +112,11 @@ class DeployedStudent(nn.Module):
         with torch.no_grad():
             for low, source in self._casts:
                 low.copy_(source)
+
+
+def copy_tensors(value: Any) -> Any:
+    """``value`` with every tensor in it (also inside lists, tuples and dicts) cloned."""
+    return tree_map_only(torch.Tensor, torch.Tensor.clone, value)
 
 
 def model_device(module: nn.Module) -> torch.device:

@@ -433,6 +433,7 @@ class Benchmark:
         except Exception as err:
             record["error"] = "".join(traceback.format_exception_only(type(err), err)).strip()
             log(f"  {model} S={frames} {variant} failed: {record['error']}")
+            log(traceback.format_exc(limit=-12))  # the log keeps where it failed; the JSON, what
         record["wall_s"] = time.perf_counter() - started
         release_memory(self.device)
         return record

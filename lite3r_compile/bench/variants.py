@@ -313,12 +313,15 @@ def compile_dense(model: nn.Module, backend: str, *, regional: bool = False, cud
 
 class CudaGraphSteps(nn.Module):
     """``module`` with each call marked as a new step of Inductor's CUDA graph trees
-    (``torch.compiler.cudagraph_mark_step_begin``), as a deployed student with CUDA graphs does."""
+    (``torch.compiler.cudagraph_mark_step_begin``) and its outputs copied out of the graphs'
+    memory, as a deployed student with CUDA graphs does."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from lite3r_compile.backends.deploy import copy_tensors
+
         torch.compiler.cudagraph_mark_step_begin()
-        return self.module(*args, **kwargs)
+        return copy_tensors(self.module(*args, **kwargs))
