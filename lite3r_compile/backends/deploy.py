@@ -10,8 +10,10 @@
   quantizes its input becomes a :class:`~lite3r_compile.backends.fp8_linear.Float8Linear` (float8
   e4m3 weight, one byte a parameter, with its rowwise or tensorwise scale). The input
   quantization is plain tensor ops, so Inductor fuses it into the kernel producing the input
-  (LayerNorm, GELU, residual add). Weight-only fake-quant layers stay fake-quant (an FP8 GEMM needs
-  FP8 inputs); the record lists them with the reason;
+  (LayerNorm, residual add). An MLP's GELU is folded into its second layer, whose quantization
+  kernel computes it (:mod:`lite3r_compile.backends.fuse_gelu`: Inductor's fused GELU + rowwise
+  reduction over 4096-wide rows runs at a third of the bandwidth). Weight-only fake-quant layers
+  stay fake-quant (an FP8 GEMM needs FP8 inputs); the record lists them with the reason;
 - ``backend="inductor"``: the same without FP8 lowering: fake-quant layers keep the arithmetic the
   student was trained with (e4m3 rounding, high-precision GEMMs), fused by Inductor;
 - ``LiteConfig.bf16_heads`` (both backends): the float32 heads it names run in bfloat16
@@ -20,9 +22,10 @@
   (Triton kernels on CUDA, the reference elsewhere); everything else goes through Inductor, with
   CUDA graphs on request (``LiteConfig.cuda_graphs``). Graph breaks are reported
   (``GraphBreakWarning``), never hidden;
-- ``LiteConfig.regional_compile``: only the repeated blocks are compiled, each block class and
-  shape once (:mod:`lite3r_compile.backends.regions`); the rest runs eagerly. With CUDA graphs,
-  each block's graph is replayed as a CUDA graph and the code between them runs eagerly.
+- ``LiteConfig.regional_compile``: only the repeated blocks and the heads are compiled, each
+  block class and shape once (:mod:`lite3r_compile.backends.regions`); the rest runs eagerly.
+  With CUDA graphs, each region's graph is replayed as a CUDA graph, the code between them runs
+  eagerly, and the outputs are copied out of the graphs' memory.
 
 Where the machine has no FP8 GEMMs (no GPU of compute capability >= 8.9), ``Float8Linear``
 emulates them with the same rounded operands in float32, said once by an ``FP8EmulationWarning``.
@@ -44,6 +47,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from lite3r_compile.backends.fp8_linear import Float8Linear, has_fp8_gemm
+from lite3r_compile.backends.fuse_gelu import fuse_gelu_quantization
 from lite3r_compile.backends.head_precision import lower_head_precision
 from lite3r_compile.backends.module_watch import ModuleState, ModuleWatch
 from lite3r_compile.passes.fp8_qat import FP8FakeQuantLinear
@@ -64,7 +68,10 @@ class DeployRecord:
     ``bf16_heads``: heads lowered to bfloat16, ``heads_kept``: (path, why) of heads left as they
     are (both empty unless ``LiteConfig.bf16_heads`` names some); ``compiled_blocks``: with
     regional compilation, the lists of repeated blocks compiled (``"path: count x Class"``);
-    ``multi_kernel``: Inductor's multi-kernel reductions are on (``LiteConfig.inductor_multi_kernel``)."""
+    ``multi_kernel``: Inductor's multi-kernel reductions are on (``LiteConfig.inductor_multi_kernel``);
+    ``gelu_fused``: GELU modules folded into the FP8 quantization of the layer after them, and
+    ``gelu_kept``: (path, why) of those left as they are
+    (:func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`)."""
 
     backend: str
     float8_layers: list[str] = field(default_factory=list)
@@ -76,6 +83,8 @@ class DeployRecord:
     heads_kept: list[tuple[str, str]] = field(default_factory=list)
     compiled_blocks: list[str] = field(default_factory=list)
     multi_kernel: bool = False
+    gelu_fused: list[str] = field(default_factory=list)
+    gelu_kept: list[tuple[str, str]] = field(default_factory=list)
 
 
 class DeployedStudent(nn.Module):
@@ -213,6 +222,8 @@ def deploy(
     sources: list[tuple[Float8Linear, nn.Linear]] = []
     if backend == "fp8":
         sources = lower_fp8(module, student, record)
+        fusion = fuse_gelu_quantization(module)
+        record.gelu_fused, record.gelu_kept = fusion.fused, fusion.kept
         record.fp8_emulated = bool(record.float8_layers) and not has_fp8_gemm(device)
         if record.fp8_emulated and warn_emulation:
             from lite3r_compile.api import FP8EmulationWarning

@@ -10,7 +10,10 @@ through ``torch._scaled_mm`` on GPUs with FP8 tensor cores (compute capability >
 the same rounded operands are multiplied in float32 (emulation), so a CPU gives the numbers an
 H100 gives up to accumulation order. The quantization of ``x`` is written as plain tensor ops, so
 under ``torch.compile`` Inductor fuses it into the kernel that produces ``x`` (LayerNorm, GELU,
-residual add) instead of spending a separate pass over memory.
+residual add) instead of spending a separate pass over memory. The exception is an MLP's
+second layer, whose input is a GELU over a row too wide for Inductor's fused reduction to run at
+bandwidth: there the layer takes the GELU's input and quantizes it through one hand-written
+kernel (``input_gelu``; :mod:`lite3r_compile.backends.gelu_quant`).
 
 The rounding is :mod:`lite3r_compile.passes.fp8_qat`'s, bit for bit: the deployed student computes
 what the fake-quant student was trained to compute.
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise
 from lite3r_compile.passes.fp8_qat import E4M3, E4M3_MAX, FP8FakeQuantLinear, e4m3_scale
 
 GRANULARITIES = ("rowwise", "tensorwise")
@@ -44,18 +48,25 @@ def quantize_to_e4m3(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
 
 
 def float8_linear(
-    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, granularity: str
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, granularity: str,
+    input_gelu: bool = False,
 ) -> Tensor:
     """``x (..., in) -> (..., out)`` with ``x`` quantized on the fly and a pre-quantized weight:
     ``weight`` (out, in) float8 e4m3, ``weight_scale`` (out, 1) rowwise or () tensorwise, ``bias``
     (out,) or None. Real FP8 GEMM where :func:`has_fp8_gemm`, float32 emulation of the same
-    rounded operands elsewhere; the output has ``x``'s dtype."""
+    rounded operands elsewhere; the output has ``x``'s dtype. ``input_gelu`` (rowwise only): the
+    layer computes ``gelu(x)`` first, fused into the quantization (``lite3r::gelu_quant_rowwise``)."""
     in_features, out_features = weight.shape[1], weight.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(f"float8_linear: input has {x.shape[-1]} features, expected {in_features}")
     rowwise = granularity == "rowwise"
     lead = x.shape[:-1]
-    x_q, x_scale = quantize_to_e4m3(x.reshape(-1, in_features), rowwise)
+    if input_gelu:
+        if not rowwise:
+            raise ValueError("float8_linear: input_gelu needs rowwise granularity")
+        x_q, x_scale = gelu_quant_rowwise(x.reshape(-1, in_features))
+    else:
+        x_q, x_scale = quantize_to_e4m3(x.reshape(-1, in_features), rowwise)
     if has_fp8_gemm(x.device) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
         # rowwise scaling in cuBLAS needs a bf16 output; other dtypes are cast after
         mm_dtype = torch.bfloat16 if rowwise else x.dtype
@@ -102,6 +113,8 @@ class Float8Linear(nn.Module):
                 f"({in_features}, {out_features}); keep this layer in high precision"
             )
         self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        # set by :func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`
+        self.input_gelu = False
         scale_shape = (out_features, 1) if granularity == "rowwise" else ()
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
@@ -144,7 +157,8 @@ class Float8Linear(nn.Module):
         return cls.from_linear(fq, granularity=fq.granularity, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return float8_linear(x, self.weight, self.weight_scale, self.bias, self.granularity)
+        return float8_linear(x, self.weight, self.weight_scale, self.bias, self.granularity, self.input_gelu)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 {self.granularity}"
+        gelu = ", gelu(input) fused" if self.input_gelu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 {self.granularity}{gelu}"
