@@ -15,8 +15,9 @@ copy bandwidth:
 - ``inductor``:      compiled ``quantize_to_e4m3(gelu(y))``, Inductor's defaults
 - ``multi_kernel``:  the same with ``triton.multi_kernel=1`` (a persistent variant, timed at run time)
 - ``coordinate_descent``: the same with ``coordinate_descent_tuning=True``
-- ``triton_rows``:   a hand-written kernel here: a few rows a program, each row loaded once,
-                     erf once, amax, scale and e4m3 stores (a candidate, not used by the backend)
+- ``triton_rows``:   the deployed student's kernel (``lite3r::gelu_quant_rowwise``,
+                     :mod:`lite3r_compile.backends.gelu_quant`): a few rows a program, each row
+                     loaded once, erf once, amax, scale and e4m3 stores
 
 and, for each, whether its e4m3 bytes and scales equal the eager reference's.
 
@@ -34,41 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from lite3r_compile.backends.fp8_linear import quantize_to_e4m3
-from lite3r_compile.passes.fp8_qat import AMAX_FLOOR, E4M3_MAX
+from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise
 
 HIDDEN = 4096
 TOKENS_PER_FRAME = 1374
-
-
-def gelu_quant_rows_kernel():
-    """The hand-written candidate: ``(y (M, N) bf16) -> (q (M, N) e4m3, scale (M, 1) float32)``."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(y_ptr, q_ptr, scale_ptr, M, N, stride_y, stride_q,
-               FLOOR: tl.constexpr, FP8_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_N)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # F.gelu on bf16 rounds its result to bf16; so does this, to quantize the same values
-        g = (0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))).to(tl.bfloat16).to(tl.float32)
-        amax = tl.max(tl.abs(g), axis=1)
-        scale = tl.maximum(amax, FLOOR) / FP8_MAX
-        q = tl.clamp(g / scale[:, None], -FP8_MAX, FP8_MAX)
-        tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(tl.float8e4nv), mask=mask)
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
-
-    def run(y: torch.Tensor, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-        M, N = y.shape
-        q = torch.empty_like(y, dtype=torch.float8_e4m3fn)
-        scale = torch.empty(M, 1, device=y.device, dtype=torch.float32)
-        kernel[(triton.cdiv(M, rows),)](y, q, scale, M, N, y.stride(0), q.stride(0),
-                                        FLOOR=AMAX_FLOOR, FP8_MAX=E4M3_MAX, ROWS=rows, BLOCK_N=triton.next_power_of_2(N), num_warps=8)
-        return q, scale
-
-    return run
 
 
 def reference(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +68,6 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     dev = "cuda"
-    hand = gelu_quant_rows_kernel()
     rows = []
     for frames in args.frames:
         M = frames * TOKENS_PER_FRAME
@@ -111,7 +80,7 @@ def main() -> None:
         for name, options in {"inductor": {}, "multi_kernel": {"triton.multi_kernel": 1},
                               "coordinate_descent": {"coordinate_descent_tuning": True}}.items():
             candidates[name] = torch.compile(reference, options=options)
-        candidates["triton_rows"] = hand
+        candidates["triton_rows"] = gelu_quant_rowwise
         for name, fn in candidates.items():
             torch._dynamo.reset()  # each compiled candidate compiles on its first call, with its own options
             out = fn(y)

@@ -154,7 +154,9 @@ class LiteConfig:
     ``inductor_multi_kernel``: the deployed form's reductions over rows wider than Inductor's
     persistent-reduction limit (1024) also get a persistent variant, picked when it times faster
     (Inductor's ``triton.multi_kernel``). The FP8 quantization of an MLP's 4096-wide GELU output
-    is one: as a looped reduction it computes the GELU twice (``benchmarks/NOTES.md``).
+    was one (as a looped reduction it computes the GELU twice); the deployed form now quantizes it
+    in a kernel of its own (:mod:`lite3r_compile.backends.fuse_gelu`). On torch 2.11 with CUDA
+    graphs, 16 of 22 compiles failed with multi-kernel on (``benchmarks/NOTES.md``, session 6).
     """
 
     sla: SLAConfig = field(default_factory=SLAConfig)

@@ -32,7 +32,7 @@ def _run(tmp_path, *extra: str) -> dict:
     return json.loads((tmp_path / "e2e.json").read_text())
 
 
-def _check_schema(result: dict, model: str, skipped_variants: set[str]) -> None:
+def _check_schema(result: dict, model: str, skipped_variants: set[str], exact_max: float = 1e-2) -> None:
     assert {"meta", "config", "models", "runs", "skipped", "exact_checks", "claims", "elapsed_s"} <= set(result)
     assert result["models"][model]["parameters"] > 0
     ran = {r["variant"]: r for r in result["runs"] if r["model"] == model}
@@ -64,15 +64,19 @@ def _check_schema(result: dict, model: str, skipped_variants: set[str]) -> None:
     assert fp8_only["rates"] and all(row["bf16_ms"] > 0 for row in fp8_only["rates"])
     assert fp8_only["expected"]["calls"] > 0 and fp8_only["expected"]["fp8_calls"] > 0
     exact = [e for e in result["exact_checks"] if e["model"] == model]
-    assert len(exact) == 1 and math.isfinite(exact[0]["max"]) and exact[0]["max"] < 1e-2
+    assert len(exact) == 1 and math.isfinite(exact[0]["max"]) and exact[0]["max"] < exact_max
     names = {c["claim"] for c in result["claims"] if c["model"] == model}
     assert any("exact student" in n for n in names)
     assert all(c["passed"] in (True, False, None) for c in result["claims"])
 
 
 def test_bench_vggt_tiny_every_variant(tmp_path):
-    result = _run(tmp_path, "--models", "vggt-tiny")
-    _check_schema(result, "vggt-tiny", set())
+    # float32: a random-weight VGGT's camera tokens are ~400x smaller than its patch tokens, so in
+    # bfloat16 the different rounding of SLA and SDPA alone moves pose_enc by ~1e-2 relative
+    # (1.07e-2 on one CPU, under 1e-2 on another); in float32 the topk=1 student must be exact
+    result = _run(tmp_path, "--models", "vggt-tiny", "--dtype", "float32")
+    assert result["config"]["dtype"] == "float32"
+    _check_schema(result, "vggt-tiny", set(), exact_max=1e-5)
     runs = {r["variant"]: r for r in result["runs"]}
     assert runs["dense_compiled"]["compiled"] and runs["dense_compiled"]["compile_s"] > 0
     assert not runs["dense_eager"]["compiled"]

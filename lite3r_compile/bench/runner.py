@@ -88,8 +88,11 @@ class BenchConfig:
     seed: int = 0
     plot: bool = True
     resume: str | None = None
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"lite3r bench: dtype must be bfloat16 or float32, got {self.dtype!r}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"lite3r bench: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -305,7 +308,7 @@ class Benchmark:
         cfg = self.config
         log(f"== {model}: frames {list(frames)}, {spec.image_size}x{spec.image_size}")
         t0 = time.perf_counter()
-        teacher = build_model(spec, self.device, seed=cfg.seed)
+        teacher = build_model(spec, self.device, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
         info: dict[str, Any] = {
             "preset": spec.preset, "image_size": spec.image_size, "heads": list(spec.heads),
             "parameters": sum(p.numel() for p in teacher.parameters()),

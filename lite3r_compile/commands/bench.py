@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-estimate-s", type=float, default=90.0,
                         help="compile time assumed before one is measured, for the budget (default 90)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the dense backbone's dtype (default bfloat16; the heads stay float32)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--resume", default=None, metavar="JSON",
                         help="continue a result cut short: keep its finished runs (same configuration and device), "
@@ -82,6 +84,7 @@ def config_from_args(args: argparse.Namespace):
         correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
         image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,
         compile_estimate_s=args.compile_estimate_s, seed=args.seed, plot=not args.no_plot, resume=args.resume,
+        dtype=args.dtype,
     )
 
 
