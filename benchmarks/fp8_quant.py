@@ -37,18 +37,14 @@ import torch.nn.functional as F
 from lite3r_compile.backends.fp8_linear import quantize_to_e4m3
 from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise
 
+from fp8_linear import bench  # the sibling script: do_bench's median, the same warm-up
+
 HIDDEN = 4096
 TOKENS_PER_FRAME = 1374
 
 
 def reference(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_to_e4m3(F.gelu(y), rowwise=True)
-
-
-def bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
 def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:

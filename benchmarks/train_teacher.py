@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-scenes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distinct-walls", action="store_true",
-                        help="scenes whose six room faces have colours of their own (pose readable per view)")
+                        help="scenes whose six room faces have colours of their own (SyntheticSceneConfig.distinct_walls)")
     parser.add_argument("--tiny", action="store_true", help="toy model on 28x28 images (CPU tests)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where the weights and JSON go")
     parser.add_argument("--out", type=Path, default=None, help="also copy the outputs here")

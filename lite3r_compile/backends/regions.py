@@ -22,8 +22,9 @@ inside the blocks whose generated code is the same share one class
 
 A *repeated block* is an item of an ``nn.ModuleList`` or ``nn.Sequential`` whose items, two or
 more, are all of one class that has submodules of its own and a forward of its own (a block, not
-a layer or a stack of layers: neither a list of ``Conv2d`` nor a list of ``nn.Sequential`` is one). Only the outermost such lists count: a block inside a repeated block is
-compiled with it. A *head region* is a head that has submodules, holds no repeated block (a
+a layer or a stack of layers: neither a list of ``Conv2d`` nor a list of ``nn.Sequential`` is
+one). Only the outermost such lists count: a block inside a repeated block is compiled with it.
+A *head region* is a head that has submodules, holds no repeated block (a
 camera head's trunk is compiled as blocks instead) and sits in none.
 """
 

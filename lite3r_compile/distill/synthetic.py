@@ -14,9 +14,9 @@ With ``first_view_frame=True`` (the VGGT convention) the world frame is the firs
 ``extrinsics[0]`` is [I | 0].
 
 With ``distinct_walls=True`` each of the room's six faces (four walls, floor, ceiling) has a colour
-of its own instead of one colour for the whole room. One view then shows which way it looks, and
-the relative pose of two views can be read from which walls each sees; with one room colour it is
-a correspondence problem over a periodic texture and the few objects in the middle. The geometry,
+of its own (random per scene) instead of one colour for the whole room, so the relative pose of
+two views can be read from which walls each sees and where; with one room colour it is a
+correspondence problem over a periodic texture and the few objects in the middle. The geometry,
 the cameras and the objects of scene ``seed`` are the same either way.
 """
 
