@@ -75,6 +75,8 @@ def test_training_free_sla_and_fp8_match_the_lite_student():
     assert report.rewritten == 2 and report.fp8_emulated
     quantized = sorted(lin.path for lin in report.linears if lin.quantized)
     assert len(quantized) == 8 and all(p.startswith(("frame_block.", "global_block.")) for p in quantized)
+    # each MLP's GELU is computed inside its second layer's quantization, as in a deployed student
+    assert sorted(lin.path for lin in report.linears if lin.gelu_fused) == ["frame_block.mlp.2", "global_block.mlp.2"]
     head = next(lin for lin in report.linears if lin.path == "head")
     assert not head.quantized and "not multiples of 16" in head.reason
 

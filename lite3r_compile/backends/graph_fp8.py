@@ -5,7 +5,8 @@ attribute, 2-D, both dims multiples of ``FP8Config.multiple_of``) becomes
 :func:`dynamic_float8_linear`: the weight and the input are quantized to e4m3 with absmax scales
 (rowwise or tensorwise) at every call, then multiplied by ``torch._scaled_mm`` (or emulated where
 the device has no FP8 GEMMs). The quantization is plain tensor ops, so Inductor fuses the input's
-into the kernel that produces it, and the weight's is one pass over the weight (small against
+into the kernel that produces it (an exact GELU feeding a rowwise layer alone is folded into the
+layer's own quantization kernel instead, as the deployed student does), and the weight's is one pass over the weight (small against
 the GEMM at 3D-reconstruction token counts); reading the weight at each call keeps the compiled
 model in step with later changes of its parameters.
 
@@ -34,23 +35,38 @@ from lite3r_compile.config import HEAD_NAME_GLOBS, FP8Config, ancestor_named, ma
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 
 
-def dynamic_float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, granularity: str) -> Tensor:
+GELU_FUNCTIONS = {F.gelu, torch._C._nn.gelu}
+
+
+def dynamic_float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, granularity: str,
+                          input_gelu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)`` with both operands quantized to e4m3 on the fly; output in
-    ``x``'s dtype. Shapes: x (..., in), weight (out, in), bias (out,)."""
+    ``x``'s dtype. Shapes: x (..., in), weight (out, in), bias (out,). ``input_gelu``: the input
+    is ``gelu(x)``, computed inside the quantization (``float8_linear``'s)."""
     weight_q, weight_scale = quantize_to_e4m3(weight, granularity == "rowwise")
-    return float8_linear(x, weight_q, weight_scale, bias, granularity)
+    return float8_linear(x, weight_q, weight_scale, bias, granularity, input_gelu)
+
+
+def _gelu_input(node: object) -> fx.Node | None:
+    """The input of ``node`` when it is an exact GELU whose only use is the Linear being lowered
+    (the GELU is then computed in that layer's quantization kernel), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in GELU_FUNCTIONS:
+        return None
+    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    return node.args[0] if approximate == "none" and len(node.users) == 1 else None
 
 
 @dataclass(frozen=True)
 class GraphLinear:
     """One Linear call of a Dynamo graph and whether it was quantized (``reason``: why not, or
-    the rule that chose it)."""
+    the rule that chose it); ``gelu_fused``: the GELU before it was folded into its quantization."""
 
     path: str
     in_features: int | None
     out_features: int | None
     quantized: bool
     reason: str
+    gelu_fused: bool = False
 
 
 def _parameter(node: object, gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> Tensor | None:
@@ -176,14 +192,19 @@ def quantize_dynamo_linears(gm: fx.GraphModule, example_inputs: list, config: FP
         path = name.rpartition(".")[0] if name is not None else module_path(node)
         out_features, in_features = weight.shape if weight.dim() == 2 else (None, None)
         quantized, reason = _decide(path, weight, config, blocks) if config.enabled else (False, "FP8 off")
-        found.append(GraphLinear(path, in_features, out_features, quantized, reason))
+        gelu_input = _gelu_input(x) if quantized and config.granularity == "rowwise" else None
+        found.append(GraphLinear(path, in_features, out_features, quantized, reason, gelu_input is not None))
         if not quantized:
             continue
+        args = (x, weight_node, bias, config.granularity) if gelu_input is None else \
+            (gelu_input, weight_node, bias, config.granularity, True)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(dynamic_float8_linear, (x, weight_node, bias, config.granularity))
+            new = gm.graph.call_function(dynamic_float8_linear, args)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        if gelu_input is not None:
+            gm.graph.erase_node(x)  # its one use was the Linear
     gm.graph.lint()
     gm.recompile()
     return found
