@@ -15,8 +15,9 @@ sits in no other head and not in a patch embedding (DINOv2's classifier ``head``
 backbone), and that holds parameters or buffers. :func:`lower_head_precision` casts the float32
 parameters and buffers of each head that ``LiteConfig.bf16_heads`` names to bfloat16 and hooks
 it: floating-point tensors entering it (also inside lists, tuples and dicts) are cast to
-bfloat16, floating-point tensors leaving it are cast back to float32, so the rest of the model
-sees the dtypes it saw before. Left as they are, with the reason in the record: named heads with
+bfloat16, list items as the head reads them (:mod:`~lite3r_compile.backends.input_cast`: VGGT
+passes all 24 aggregator layers to each head), floating-point tensors leaving it are cast back to
+float32, so the rest of the model sees the dtypes it saw before. Left as they are, with the reason in the record: named heads with
 no float32 tensor, and the tensors of modules whose precision is part of their definition (a
 ``Float8Linear``'s float8 weight and float32 scales, an SLA site's float32 projection).
 """
@@ -24,13 +25,11 @@ no float32 tensor, and the tensors of modules whose precision is part of their d
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map_only
-
 from lite3r_compile.backends.fp8_linear import Float8Linear
+from lite3r_compile.backends.input_cast import cast_floats, cast_head_inputs
 from lite3r_compile.config import HEAD_NAME_GLOBS, PATCH_EMBED_NAME_GLOBS, ancestor_named, matches_any
 from lite3r_compile.sla.module import SparseLinearAttention
 
@@ -47,12 +46,6 @@ def find_heads(module: nn.Module) -> list[str]:
         if next(iter((*m.parameters(), *m.buffers())), None) is not None:
             heads.append(path)
     return heads
-
-
-def cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` with every floating-point tensor in it (also inside lists, tuples and dicts) cast
-    to ``dtype``."""
-    return tree_map_only(Tensor, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t, value)
 
 
 def _kept(module: nn.Module) -> set[int]:
@@ -109,8 +102,7 @@ def lower_head_precision(module: nn.Module, student: nn.Module, globs: tuple[str
         if not cast:
             kept_heads.append((path, "no float32 parameter or buffer"))
             continue
-        head.register_forward_pre_hook(lambda m, args, kwargs: (cast_floats(args, dtype), cast_floats(kwargs, dtype)),
-                                       with_kwargs=True)
+        head.register_forward_pre_hook(lambda m, args, kwargs: cast_head_inputs(args, kwargs, dtype), with_kwargs=True)
         head.register_forward_hook(lambda m, args, output: cast_floats(output, torch.float32))
         lowered.append(path)
     return lowered, kept_heads, sources

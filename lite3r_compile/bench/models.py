@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lite3r_compile.backends.head_precision import cast_floats
+from lite3r_compile.backends.input_cast import cast_head_inputs
 
 HEADS_RANGE_PREFIX = "lite3r.bench.heads."
 # the CUDA kernel torch.cuda._sleep launches: the marker on the GPU timeline
@@ -110,7 +110,8 @@ def _plus(value: Any, token: Tensor) -> Any:
 class Float32Head(nn.Module):
     """A head run in float32 behind a bf16 backbone, as upstream runs it: casts its floating-point
     inputs to its parameters' dtype (float32 as built; bfloat16 once a deployment with
-    ``LiteConfig.bf16_heads`` lowered it), marks the start of the head for the
+    ``LiteConfig.bf16_heads`` lowered it; list items as the head reads them, see
+    :mod:`~lite3r_compile.backends.input_cast`), marks the start of the head for the
     profiler (:func:`head_marker`, after the last tensor of the head's first argument: the
     backbone's last layer) and calls ``module``."""
 
@@ -128,9 +129,8 @@ class Float32Head(nn.Module):
         return max(count, key=count.get) if count else torch.float32
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        dtype = self.compute_dtype()
-        args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
         after = _last_tensor(args[:1])
+        args, kwargs = cast_head_inputs(args, kwargs, self.compute_dtype())
         if after is not None:
             token = head_marker(after, self.head_name)
             if torch.compiler.is_compiling():
