@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--depth", type=int, default=None, help="frame (and global) blocks")
     parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--camera-trunk-depth", type=int, default=None,
+                        help="blocks of the camera head's trunk, which attends across the views (default 1)")
+    parser.add_argument("--camera-mlp-ratio", type=float, default=None, help="MLP ratio of that trunk (default 2)")
     parser.add_argument("--views", type=int, default=None, help="views per sample (default 8; tiny 4)")
     parser.add_argument("--pool-size", type=int, default=None, help="training scenes rendered at most")
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: cores - 2)")
@@ -446,7 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
     arch = TINY_ARCH if args.tiny else TeacherArch()
     arch = dataclasses.replace(arch, **{k: v for k, v in
                                         (("image_size", args.image_size), ("width", args.width),
-                                         ("depth", args.depth), ("heads", args.heads))
+                                         ("depth", args.depth), ("heads", args.heads),
+                                         ("camera_trunk_depth", args.camera_trunk_depth),
+                                         ("camera_mlp_ratio", args.camera_mlp_ratio))
                                         if v is not None})
     views = args.views or (4 if args.tiny else 8)
     sampling = SceneSampling(image_size=arch.image_size, views=views, rendered_views=views + (2 if args.tiny else 4),

@@ -316,3 +316,36 @@ def test_compile_dense_block_by_block_shares_the_weights_and_leaves_the_model_ea
     with pytest.raises(ValueError, match="Inductor options"):
         compile_dense(model, "eager", regional=True, cuda_graphs=True)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_working_memory_counts_what_a_cuda_graph_keeps_in_its_pool():
+    # a graph whose intermediate (64 MiB) lives only inside it: after recording, that buffer is a
+    # free block of the graph's pool, which memory_allocated does not count and a replay does not
+    # allocate; the working memory must still include it
+    from lite3r_compile.bench.timing import graph_pool_free_bytes, time_forward
+
+    device = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=device)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        (x * 2).sum()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    state = {}
+
+    def record():
+        if "graph" not in state:
+            with torch.cuda.graph(graph):
+                state["out"] = (x * 2 + 1).sum()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+
+    before = graph_pool_free_bytes(device)
+    timing = time_forward(record, device, target_s=0.0, min_iters=3, max_iters=3)
+    intermediate = x.numel() * x.element_size()
+    assert graph_pool_free_bytes(device) - before >= intermediate
+    assert timing.graph_pool_free_bytes >= intermediate
+    assert timing.working_bytes >= intermediate

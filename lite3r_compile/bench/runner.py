@@ -394,7 +394,8 @@ class Benchmark:
                 "weight_bytes": own_bytes, "working_bytes": timing.working_bytes,
                 "peak_bytes": None if timing.working_bytes is None else timing.working_bytes + own_bytes,
                 "allocated_before_bytes": timing.allocated_before_bytes,
-                "max_allocated_bytes": timing.max_allocated_bytes, "backend": backend,
+                "max_allocated_bytes": timing.max_allocated_bytes,
+                "graph_pool_free_bytes": timing.graph_pool_free_bytes, "backend": backend,
             })
             outputs = {k: v.detach().to("cpu") for k, v in output_tensors(timing.output, spec.passthrough_outputs).items()}
             del timing

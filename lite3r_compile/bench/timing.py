@@ -6,9 +6,16 @@ after a synchronize on a CPU) and the median is the latency. The number of timed
 the call's length: as many as fit in ``target_s``, between ``min_iters`` and ``max_iters``.
 
 Peak memory: ``torch.cuda.reset_peak_memory_stats`` before the timed calls, then
-``max_memory_allocated - memory_allocated_before`` is the call's working memory (activations,
-workspaces, outputs); adding the bytes of the weights the call runs on gives the peak of a process
-that holds that model alone. The process-wide numbers are kept too.
+``max_memory_allocated - memory_allocated_before`` plus the free bytes of CUDA graphs' private
+memory pools is the call's working memory (activations, workspaces, outputs); adding the bytes of
+the weights the call runs on gives the peak of a process that holds that model alone. The
+process-wide numbers are kept too.
+
+The pools' term is what CUDA graphs would otherwise hide: a graph's intermediate buffers were
+allocated from its private pool while it was recorded and are free blocks of that pool after, so
+``memory_allocated`` does not count them, and a replay allocates nothing; yet the pool keeps those
+bytes reserved for the graph (``empty_cache`` cannot release them). Without CUDA graphs the term is
+zero.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from torch import Tensor
 class Timing:
     """``first_call_s``: the first call (compilation included); ``compile_s``: that minus one
     steady call; ``latency_ms``: median of the timed calls, ``samples_ms`` all of them;
-    ``working_bytes``: peak allocated during the timed calls minus allocated before them;
-    ``allocated_before_bytes`` / ``max_allocated_bytes``: process-wide; ``output``: the output of
-    the second call (for error checks)."""
+    ``working_bytes``: peak allocated during the timed calls minus allocated before them, plus
+    ``graph_pool_free_bytes`` (the free bytes of the CUDA graphs' private pools that the warm-up
+    calls added); ``allocated_before_bytes`` / ``max_allocated_bytes``: process-wide; ``output``: the
+    output of the second call (for error checks)."""
 
     first_call_s: float
     compile_s: float
@@ -39,6 +47,7 @@ class Timing:
     working_bytes: int | None
     allocated_before_bytes: int | None
     max_allocated_bytes: int | None
+    graph_pool_free_bytes: int | None = None
     output: Any = field(repr=False, default=None)
 
 
@@ -54,6 +63,18 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def graph_pool_free_bytes(device: torch.device) -> int:
+    """Bytes reserved in the CUDA graphs' private memory pools of ``device`` that no live tensor
+    occupies (segments whose pool id is not the default pool's (0, 0))."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    free = 0
+    for segment in torch.cuda.memory_snapshot():
+        if segment["device"] == index and tuple(segment["segment_pool_id"]) != (0, 0):
+            free += segment["total_size"] - segment["allocated_size"]
+    return free
+
+
 def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """(seconds, output) of one call, synchronized."""
     synchronize(device)
@@ -67,6 +88,9 @@ def time_forward(fn: Callable[[], Any], device: torch.device, *, target_s: float
                  min_iters: int = 3, max_iters: int = 20, after_warmup: Callable[[], None] | None = None) -> Timing:
     """Warm up, then time ``fn`` (see the module docstring). ``min_iters`` may be 1 (tests).
     ``after_warmup`` is called once the two warm-up calls are done, before the timed ones."""
+    cuda = device.type == "cuda"
+    # pools left by earlier runs in this process are not this call's
+    pools_at_start = graph_pool_free_bytes(device) if cuda else 0
     first_s, _ = timed_call(fn, device)
     second_s, output = timed_call(fn, device)
     if after_warmup is not None:
@@ -74,9 +98,9 @@ def time_forward(fn: Callable[[], Any], device: torch.device, *, target_s: float
     iters = max(min_iters, min(max_iters, math.ceil(target_s / max(second_s, 1e-6))))
 
     release_memory(device)
-    cuda = device.type == "cuda"
-    before = peak = None
+    before = peak = pools = None
     if cuda:
+        pools = max(0, graph_pool_free_bytes(device) - pools_at_start)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
@@ -99,9 +123,10 @@ def time_forward(fn: Callable[[], Any], device: torch.device, *, target_s: float
         compile_s=max(0.0, first_s - latency / 1e3),
         latency_ms=latency,
         samples_ms=samples,
-        working_bytes=None if peak is None else peak - before,
+        working_bytes=None if peak is None else peak - before + pools,
         allocated_before_bytes=before,
         max_allocated_bytes=peak,
+        graph_pool_free_bytes=pools,
         output=output,
     )
 
