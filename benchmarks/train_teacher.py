@@ -89,17 +89,19 @@ TINY_ARCH = TeacherArch(image_size=28, width=64, depth=2, heads=1, dpt_features=
 @dataclass(frozen=True)
 class SceneSampling:
     """How a training or evaluation sample is drawn: ``views`` of ``rendered_views`` views of a
-    scene (``distinct_walls``: see :class:`SyntheticSceneConfig`)."""
+    scene (``distinct_walls``, ``compass_walls``: see :class:`SyntheticSceneConfig`)."""
 
     image_size: int = 224
     views: int = 8
     rendered_views: int = 12
     distinct_walls: bool = False
+    compass_walls: bool = False
 
     def scene_config(self, num_views: int | None = None) -> SyntheticSceneConfig:
         """The scene renderer's config: ``num_views`` views (default ``rendered_views``)."""
         return SyntheticSceneConfig(num_views=num_views or self.rendered_views, height=self.image_size,
-                                    width=self.image_size, distinct_walls=self.distinct_walls)
+                                    width=self.image_size, distinct_walls=self.distinct_walls,
+                                    compass_walls=self.compass_walls)
 
 
 def build_teacher(arch: TeacherArch) -> nn.Module:
@@ -271,6 +273,25 @@ def evaluate_model(model: nn.Module, batches: list[dict[str, Tensor]], *, autoca
         return evaluate(model, None, batches, device=device)["student_vs_gt"]
 
 
+POSE_COMPONENTS = ("t_x", "t_y", "t_z", "q_x", "q_y", "q_z", "q_w")
+
+
+def pose_component_correlation(model: nn.Module, batches: list[dict[str, Tensor]], *, autocast: bool) -> dict[str, float]:
+    """Pearson correlation of each predicted pose component (translation, quaternion) with its
+    target over views 1..S-1 of ``batches`` (view 0 is the reference frame: its pose is the
+    identity). What one view shows (height, pitch) is learned long before what needs two (yaw,
+    the position along the ring): the aggregate pose metrics hide which."""
+    device = batches[0]["images"].device
+    predicted, target = [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        for batch in batches:
+            predicted.append(model(batch["images"])["pose_enc"][:, 1:, :7].float().reshape(-1, 7))
+            target.append(batch["pose_enc"][:, 1:, :7].reshape(-1, 7))
+    predicted, target = torch.cat(predicted), torch.cat(target)
+    return {name: torch.corrcoef(torch.stack([predicted[:, i], target[:, i]]))[0, 1].item()
+            for i, name in enumerate(POSE_COMPONENTS)}
+
+
 def baseline_metrics(batches: list[dict[str, Tensor]], mean_pose: Tensor) -> dict[str, dict[str, float]]:
     """Trivial predictors: a constant depth map (unprojected with the true intrinsics and identity
     poses) with the training set's mean pose per view slot, and with identity poses."""
@@ -440,6 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distinct-walls", action="store_true",
                         help="scenes whose six room faces have colours of their own (SyntheticSceneConfig.distinct_walls)")
+    parser.add_argument("--compass-walls", action="store_true",
+                        help="room faces painted in fixed hues, the same in every scene (SyntheticSceneConfig.compass_walls)")
     parser.add_argument("--tiny", action="store_true", help="toy model on 28x28 images (CPU tests)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where the weights and JSON go")
     parser.add_argument("--out", type=Path, default=None, help="also copy the outputs here")
@@ -455,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         if v is not None})
     views = args.views or (4 if args.tiny else 8)
     sampling = SceneSampling(image_size=arch.image_size, views=views, rendered_views=views + (2 if args.tiny else 4),
-                             distinct_walls=args.distinct_walls)
+                             distinct_walls=args.distinct_walls, compass_walls=args.compass_walls)
     workers = args.workers if args.workers is not None else (0 if args.tiny else max(1, (os.cpu_count() or 2) - 2))
     settings = TrainSettings(
         minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
@@ -475,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     _bf16_round_trip(model)
     batches = heldout_batches(settings.eval_scenes, sampling, device=device, scenes=trained["heldout_scenes"])
     teacher_metrics = evaluate_model(model, batches, autocast=device.type == "cuda")
+    correlation = pose_component_correlation(model, batches, autocast=device.type == "cuda")
     baselines = baseline_metrics(batches, trained["mean_pose"])
 
     args.assets.mkdir(parents=True, exist_ok=True)
@@ -496,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
         **trained["run"],
         "mean_pose": trained["mean_pose"].tolist(),
         "heldout": {"scenes": settings.eval_scenes, "seed": HELDOUT_SEED, "teacher": teacher_metrics,
+                    "pose_component_correlation": correlation,
                     "baselines": baselines},
     }
     json_path = weights_path.with_suffix(".json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +350,37 @@ def test_working_memory_counts_what_a_cuda_graph_keeps_in_its_pool():
     assert graph_pool_free_bytes(device) - before >= intermediate
     assert timing.graph_pool_free_bytes >= intermediate
     assert timing.working_bytes >= intermediate
+
+
+def test_live_memory_counts_a_storage_until_its_last_view_dies():
+    from lite3r_compile.bench.live_memory import LiveMemory
+
+    memory = LiveMemory()
+    with memory:
+        memory.label = "first"
+        a = torch.ones(256)  # 1 KiB
+        b = a.view(16, 16)  # the same storage
+        del a
+        memory.label = "second"
+        c = torch.ones(512)  # 2 KiB
+        assert memory.live_bytes == 3072
+        del b
+        assert memory.live_bytes == 2048
+        d = c * 2  # a new 2 KiB storage: the peak is now 4 KiB
+        del c, d
+    assert memory.live_bytes == 0
+    assert memory.peak_bytes == 4096 and "mul" in memory.peak_op and "second" in memory.peak_op
+    assert memory.by_label() == {"second": 4096}
+
+
+def test_memory_trace_of_a_tiny_model_on_meta(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_trace.py"
+    spec = importlib.util.spec_from_file_location("memory_trace", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    one, two = script.main(["--model", "vggt-tiny", "--frames", "1", "2", "--out", str(tmp_path / "trace.json")])
+    assert one["weight_bytes"] == two["weight_bytes"] > 0
+    assert 0 < one["peak_activation_bytes"] < two["peak_activation_bytes"]
+    assert json.loads((tmp_path / "trace.json").read_text())[1]["frames"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,12 +34,33 @@ def test_train_teacher_tiny_writes_loadable_weights_and_metrics(tmp_path):
     assert "train_teacher.py --tiny" in saved["command"]
     for metrics in (saved["heldout"]["teacher"], saved["heldout"]["baselines"]["constant_depth+mean_pose"]):
         assert {"depth_abs_rel", "camera_auc@30", "points_chamfer"} <= metrics.keys()
+    correlation = saved["heldout"]["pose_component_correlation"]
+    assert tuple(correlation) == script.POSE_COMPONENTS
+    assert all(math.isnan(c) or -1 <= c <= 1 for c in correlation.values())
     model, loaded_record = script.load_teacher(weights)
     assert loaded_record["arch"] == saved["arch"]
     # the file holds bf16 weights; the loaded model is those, in float32
     state = model.state_dict()
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     assert sum(p.numel() for p in model.parameters()) == saved["parameters"]
+
+
+def test_pose_component_correlation_is_one_for_the_targets_and_follows_their_sign():
+    script = _script("train_teacher")
+    torch.manual_seed(0)
+    batches = [{"images": torch.zeros(1, 4, 3, 2, 2), "pose_enc": torch.randn(1, 4, 9)} for _ in range(3)]
+
+    class Replay(torch.nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign, self.calls = sign, iter(batches)
+
+        def forward(self, images):
+            return {"pose_enc": self.sign * next(self.calls)["pose_enc"]}
+
+    exact = script.pose_component_correlation(Replay(1.0), batches, autocast=False)
+    flipped = script.pose_component_correlation(Replay(-1.0), batches, autocast=False)
+    assert all(abs(c - 1) < 1e-5 for c in exact.values()) and all(abs(c + 1) < 1e-5 for c in flipped.values())
 
 
 def test_distill_benchmark_compares_both_modes(tmp_path):

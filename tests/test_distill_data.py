@@ -61,6 +61,40 @@ def test_distinct_walls_recolour_the_room_and_nothing_else():
     assert changed[floor].float().mean() > 0.9
 
 
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    """Hue in [0, 1) of (..., 3) colours (independent of saturation and value)."""
+    r, g, b = rgb.unbind(-1)
+    top, low = rgb.max(-1).values, rgb.min(-1).values
+    span = (top - low).clamp_min(1e-6)
+    hue = torch.where(top == r, ((g - b) / span) % 6, torch.where(top == g, (b - r) / span + 2, (r - g) / span + 4))
+    return hue / 6
+
+
+def test_compass_walls_paint_each_face_the_same_hue_in_every_scene():
+    config = dataclasses.replace(SMALL, first_view_frame=False, num_views=4, compass_walls=True)
+    plain = render_scene(11, dataclasses.replace(config, compass_walls=False))
+    for key in ("depth", "world_points", "extrinsics", "intrinsics"):
+        assert torch.equal(plain[key], render_scene(11, config)[key]), key
+    eps = 1e-3
+    # (face, its pixels, its hue): COMPASS_HUES by face index 2 * axis + (inward normal > 0)
+    faces = [("wall x=4", lambda p: p[..., 0] > 4 - eps, 0.0), ("wall x=-4", lambda p: p[..., 0] < -4 + eps, 0.5),
+             ("floor", lambda p: p[..., 1] < eps, 0.625), ("wall z=4", lambda p: p[..., 2] > 4 - eps, 0.25),
+             ("wall z=-4", lambda p: p[..., 2] < -4 + eps, 0.75)]
+    for seed in (11, 12, 13):
+        scene = render_scene(seed, config)
+        p, rgb = scene["world_points"], scene["images"].permute(0, 2, 3, 1)
+        checked = 0
+        for name, pixels, expected in faces:
+            mask = pixels(p)
+            if mask.sum() < 10:
+                continue
+            hue = _hue(rgb[mask]).median().item()
+            # hue 0 and hue 1 are the same red
+            assert min(abs(hue - expected), 1 - abs(hue - expected)) < 0.02, (seed, name, hue)
+            checked += 1
+        assert checked >= 3, (seed, checked)
+
+
 def test_synthetic_dataset_indexing():
     ds = SyntheticScenes(2, SMALL, seed=5)
     assert len(ds) == 2 and torch.equal(ds[1]["images"], render_scene(6, SMALL)["images"])

@@ -18,6 +18,14 @@ of its own (random per scene) instead of one colour for the whole room, so the r
 two views can be read from which walls each sees and where; with one room colour it is a
 correspondence problem over a periodic texture and the few objects in the middle. The geometry,
 the cameras and the objects of scene ``seed`` are the same either way.
+
+With ``compass_walls=True`` the faces' colours are not random but fixed: each of the four walls,
+the floor and the ceiling has a hue of its own, the same in every scene (only saturation and value
+are drawn per scene), as if the room were painted by compass direction. One view then shows which
+way it looks, as one view shows its height and pitch (from the floor and the horizon), so relative
+yaw can be read by comparing what two views see of fixed landmarks rather than by matching random
+colours between them. The geometry, cameras and objects are again those of the same seed. It
+takes precedence over ``distinct_walls``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class SyntheticSceneConfig:
     ring_radius: float = 2.5
     first_view_frame: bool = True
     distinct_walls: bool = False
+    compass_walls: bool = False
 
     def __post_init__(self) -> None:
         if self.num_views < 1 or self.height < 1 or self.width < 1:
@@ -140,10 +149,14 @@ def render_scene(seed: int, config: SyntheticSceneConfig = SyntheticSceneConfig(
         [uniform(n_obj, lo=-1.2, hi=1.2), uniform(n_obj, lo=0.3, hi=height - 0.6), uniform(n_obj, lo=-1.2, hi=1.2)], dim=-1
     )
     obj_sizes = uniform(n_obj, 3, lo=0.2, hi=0.55)
-    # Drawn last, so the rest of the scene does not depend on the option.
-    faces = 6 if config.distinct_walls else 1
-    if config.distinct_walls:
+    # Drawn last, so the rest of the scene does not depend on the options.
+    faces = 6 if config.distinct_walls or config.compass_walls else 1
+    if config.compass_walls:
+        saturation, value = uniform(faces, lo=0.45, hi=0.9), uniform(faces, lo=0.55, hi=0.95)
+        palette = torch.cat([_hsv_to_rgb(COMPASS_HUES, saturation, value), palette[1:]])
+    elif config.distinct_walls:
         palette = torch.cat([palette[:1], uniform(faces - 1, 3, lo=0.15, hi=1.0), palette[1:]])
+    if faces > 1:
         frequency = torch.cat([frequency[:1].expand(faces - 1), frequency])
 
     # Rays through pixel centres, in world coordinates.
@@ -195,6 +208,18 @@ def render_scene(seed: int, config: SyntheticSceneConfig = SyntheticSceneConfig(
         "extrinsics": extrinsics,
         "intrinsics": intrinsics,
     }
+
+
+# hue of each room face (face 2 * axis + (inward normal > 0)): the x walls (faces 0, 1) and the z
+# walls (4, 5) a quarter of the colour wheel apart, the ceiling (2) and the floor (3) between them
+COMPASS_HUES = torch.tensor([0.0, 0.5, 0.125, 0.625, 0.25, 0.75])
+
+
+def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
+    """(N, 3) RGB of N colours given as hue in [0, 1), saturation and value."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + hue[:, None] * 6) % 6
+    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
+    return value[:, None] * (1 - saturation[:, None] * ramp)
 
 
 def _face_index(normal: Tensor) -> Tensor:
