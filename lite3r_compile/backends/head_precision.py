@@ -17,9 +17,10 @@ parameters and buffers of each head that ``LiteConfig.bf16_heads`` names to bflo
 it: floating-point tensors entering it (also inside lists, tuples and dicts) are cast to
 bfloat16, list items as the head reads them (:mod:`~lite3r_compile.backends.input_cast`: VGGT
 passes all 24 aggregator layers to each head), floating-point tensors leaving it are cast back to
-float32, so the rest of the model sees the dtypes it saw before. Left as they are, with the reason in the record: named heads with
-no float32 tensor, and the tensors of modules whose precision is part of their definition (a
-``Float8Linear``'s float8 weight and float32 scales, an SLA site's float32 projection).
+float32, so the rest of the model sees the dtypes it saw before. Left as they are, with the
+reason in the record: named heads with no float32 tensor, and the tensors of modules whose
+precision is part of their definition (a ``Float8Linear``'s float8 weight and float32 scales, an
+SLA site's float32 projection).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
+
 from lite3r_compile.backends.fp8_linear import Float8Linear
 from lite3r_compile.backends.input_cast import cast_floats, cast_head_inputs
 from lite3r_compile.config import HEAD_NAME_GLOBS, PATCH_EMBED_NAME_GLOBS, ancestor_named, matches_any
