@@ -36,7 +36,7 @@ class LiveTensor:
 class LiveMemory(TorchDispatchMode):
     """Counts live storage bytes of the tensors created inside the mode.
 
-    ``peak_bytes``: the highest count; ``peak_op``: the op that reached it; ``at_peak``: the
+    ``peak_bytes``: the highest count; ``peak_op``: the op that reached it; :attr:`at_peak`: the
     storages alive then, largest first. Set ``label`` (e.g. from module pre-hooks) to say where the
     code is; each storage remembers the label it was made under.
     """
@@ -45,7 +45,8 @@ class LiveMemory(TorchDispatchMode):
     live_bytes: int = 0
     peak_bytes: int = 0
     peak_op: str = ""
-    at_peak: list[LiveTensor] = field(default_factory=list)
+    # a snapshot at each new peak, sorted only when read: while memory grows, every op is a peak
+    _at_peak: list[LiveTensor] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -74,12 +75,17 @@ class LiveMemory(TorchDispatchMode):
                 self._track(value)
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes, self.peak_op = self.live_bytes, f"{func} in {self.label or '?'}"
-            self.at_peak = sorted(self._storages.values(), key=lambda t: -t.nbytes)
+            self._at_peak = list(self._storages.values())
         return out
+
+    @property
+    def at_peak(self) -> list[LiveTensor]:
+        """The storages alive at the peak, largest first."""
+        return sorted(self._at_peak, key=lambda t: -t.nbytes)
 
     def by_label(self) -> dict[str, int]:
         """Bytes alive at the peak, summed by the label they were made under, largest first."""
         totals: Counter = Counter()
-        for t in self.at_peak:
+        for t in self._at_peak:
             totals[t.label] += t.nbytes
         return dict(totals.most_common())
