@@ -14,7 +14,9 @@
 #
 # `teacher` passes $TEACHER_FLAGS on to benchmarks/train_teacher.py (e.g. --distinct-walls).
 # `whole` compiles the whole model (not block by block) at S=32, for the memory target: dense
-# eager against the fp8+SLA student.
+# eager against the fp8+SLA student (E2E_FLAGS="--cuda-graphs --bf16-all-heads --head-frames-chunk 4"
+# is session 8's 2.68x). `whole1` does the same at S=1 for dense compiled against FP8 alone, the
+# host-bound case where the eager glue between compiled blocks is what is left to remove.
 #
 # `quality` studies the teacher in benchmarks/assets (the committed one, trained on a CPU at
 # 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224).
@@ -32,8 +34,8 @@ export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 
 declare -A LIMIT=(
-    [tests]=240 [overhead]=240 [kernels]=300 [quant]=120 [distill]=480 [e2e]=540 [whole]=420 [teacher]=570
-    [quality]=540
+    [tests]=240 [overhead]=240 [kernels]=300 [quant]=120 [distill]=480 [e2e]=540 [whole]=420 [whole1]=560
+    [teacher]=570 [quality]=540
 )
 
 # A stage with a time budget of its own gets its limit less the time to build, save and plot.
@@ -57,6 +59,9 @@ stage() {
     whole) python benchmarks/e2e.py --models vggt-1b --frames 32 --variants dense_eager student_fp8_sla \
         --compile-scope model --bf16-dense-heads ${E2E_FLAGS:-} --breakdown-frames --time-budget-s $((limit - 60)) \
         --name e2e_whole --out "$dir" ;;
+    whole1) python benchmarks/e2e.py --models vggt-1b --frames 1 --variants dense_compiled student_fp8_only \
+        --compile-scope model --bf16-dense-heads ${E2E_FLAGS:-} --breakdown-frames 1 --no-exact-check \
+        --time-budget-s $((limit - 60)) --name e2e_whole1 --out "$dir" ;;
     teacher) python benchmarks/train_teacher.py --minutes 8 ${TEACHER_FLAGS:-} --out "$dir" ;;
     quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;

@@ -13,7 +13,8 @@ Data: scenes of ``rendered_views`` views are ray-cast on the CPU by worker proce
 GPU trains (a pool that grows during training, stored as uint8 images and fp16 depth on the
 device). Each training sample draws ``views`` of a scene's views in random order, re-expresses the
 cameras in the first drawn view's frame, normalises the scale by the mean depth and jitters
-brightness and contrast. Held-out scenes come from a disjoint seed range.
+brightness and contrast. Held-out scenes come from a disjoint seed range. With ``--room-frame``
+(and ``--compass-walls``) cameras stay in the room's frame instead (:class:`SceneSampling`).
 
 Reported on the held-out scenes: depth AbsRel / delta<1.25 (median-aligned), point Chamfer and
 pose AUC@30 of the teacher and of trivial baselines (a constant depth map, which after median
@@ -89,19 +90,35 @@ TINY_ARCH = TeacherArch(image_size=28, width=64, depth=2, heads=1, dpt_features=
 @dataclass(frozen=True)
 class SceneSampling:
     """How a training or evaluation sample is drawn: ``views`` of ``rendered_views`` views of a
-    scene (``distinct_walls``, ``compass_walls``: see :class:`SyntheticSceneConfig`)."""
+    scene (``distinct_walls``, ``compass_walls``: see :class:`SyntheticSceneConfig`).
+
+    ``room_frame``: cameras and points are expressed in the room's frame (whose y axis is the
+    cameras' y axis when they look level: a level camera's rotation is a pure yaw) instead of the
+    first drawn view's.
+    With compass walls every pose component is then readable from one view; in the first view's
+    frame, yaw relative to view 0 needs what view 0 sees, and no teacher trained in minutes has
+    learned to fetch it (benchmarks/NOTES.md, session 8). Pose AUC compares the poses of view
+    pairs, so it means the same in either frame."""
 
     image_size: int = 224
     views: int = 8
     rendered_views: int = 12
     distinct_walls: bool = False
     compass_walls: bool = False
+    room_frame: bool = False
+
+    def __post_init__(self) -> None:
+        if self.room_frame and not self.compass_walls:
+            raise ValueError(
+                "SceneSampling: room_frame (--room-frame) needs compass_walls (--compass-walls): with walls of "
+                "random colours no image shows which way the room's axes point"
+            )
 
     def scene_config(self, num_views: int | None = None) -> SyntheticSceneConfig:
         """The scene renderer's config: ``num_views`` views (default ``rendered_views``)."""
         return SyntheticSceneConfig(num_views=num_views or self.rendered_views, height=self.image_size,
                                     width=self.image_size, distinct_walls=self.distinct_walls,
-                                    compass_walls=self.compass_walls)
+                                    compass_walls=self.compass_walls, first_view_frame=not self.room_frame)
 
 
 def build_teacher(arch: TeacherArch) -> nn.Module:
@@ -187,11 +204,12 @@ def pose_encoding(extrinsics: Tensor, intrinsics: Tensor, size: int) -> Tensor:
 
 
 def make_sample(scenes: list[dict[str, Tensor]], views: int, generator: torch.Generator,
-                augment: bool) -> dict[str, Tensor]:
+                augment: bool, *, room_frame: bool = False) -> dict[str, Tensor]:
     """A batch (B = len(scenes)) of ``views`` randomly drawn views per scene, in random order.
 
-    Cameras are re-expressed in the first drawn view's frame (its extrinsics are [I | 0]), lengths
-    divided by the scene's mean depth. Returns images (B, S, 3, H, W) in [0, 1], depth (B, S, H, W),
+    Cameras are re-expressed in the first drawn view's frame (its extrinsics are [I | 0]), or with
+    ``room_frame`` kept in the room's (:class:`SceneSampling`), lengths divided by the scene's
+    mean depth. Returns images (B, S, 3, H, W) in [0, 1], depth (B, S, H, W),
     world_points (B, S, H, W, 3), extrinsics (B, S, 3, 4), intrinsics (B, S, 3, 3), pose_enc (B, S, 9).
     """
     device = scenes[0]["images"].device
@@ -201,8 +219,11 @@ def make_sample(scenes: list[dict[str, Tensor]], views: int, generator: torch.Ge
     ext = torch.stack([s["extrinsics"][p] for s, p in zip(scenes, picks)])
     K = torch.stack([s["intrinsics"][p] for s, p in zip(scenes, picks)])
     R, t = ext[..., :3], ext[..., 3]
-    R_rel = R @ R[:, :1].transpose(-1, -2)
-    t_rel = t - (R_rel @ t[:, :1, :, None]).squeeze(-1)
+    if room_frame:
+        R_rel, t_rel = R, t
+    else:
+        R_rel = R @ R[:, :1].transpose(-1, -2)
+        t_rel = t - (R_rel @ t[:, :1, :, None]).squeeze(-1)
     scale = depth.mean(dim=(1, 2, 3))
     depth = depth / scale[:, None, None, None]
     ext = torch.cat([R_rel, (t_rel / scale[:, None, None])[..., None]], -1)
@@ -223,7 +244,8 @@ def heldout_batches(count: int, sampling: SceneSampling, *, workers: int = 0, de
     if scenes is None:
         scenes = render_many([HELDOUT_SEED + i for i in range(count)], sampling, workers)
     generator = torch.Generator().manual_seed(HELDOUT_SEED)
-    return [make_sample([{k: v.to(device) for k, v in s.items()}], sampling.views, generator, augment=False)
+    return [make_sample([{k: v.to(device) for k, v in s.items()}], sampling.views, generator, augment=False,
+                        room_frame=sampling.room_frame)
             for s in scenes[:count]]
 
 
@@ -236,6 +258,20 @@ class LossWeights:
     depth: float = 1.0
     points: float = 1.0
     conf_alpha: float = 0.2
+    # q and -q are one rotation: score a quaternion by the nearer of the two (needed where the
+    # targets span every yaw, as in the room's frame, and w >= 0 makes them jump at 180 degrees)
+    quaternion_sign_invariant: bool = False
+
+
+def pose_l1(pred: Tensor, target: Tensor, sign_invariant: bool) -> Tensor:
+    """Mean L1 between (..., 9) pose encodings; with ``sign_invariant`` the quaternion part
+    (entries 3..6) is compared with the target's or its negation's, whichever is nearer."""
+    err = (pred - target).abs()
+    if sign_invariant:
+        flipped = (pred[..., 3:7] + target[..., 3:7]).abs()
+        nearer = err[..., 3:7].sum(-1, keepdim=True) <= flipped.sum(-1, keepdim=True)
+        err = torch.cat([err[..., :3], torch.where(nearer, err[..., 3:7], flipped), err[..., 7:]], -1)
+    return err.mean()
 
 
 def _confident_l1(pred: Tensor, target: Tensor, conf: Tensor, alpha: float) -> Tensor:
@@ -248,7 +284,8 @@ def teacher_loss(out: dict, batch: dict[str, Tensor], w: LossWeights) -> tuple[T
     """The supervised loss of VGGT's outputs against a batch from :func:`make_sample`."""
     poses = out["pose_enc_list"]
     n = len(poses)
-    camera = sum(w.gamma ** (n - 1 - i) * (p - batch["pose_enc"]).abs().mean() for i, p in enumerate(poses))
+    camera = sum(w.gamma ** (n - 1 - i) * pose_l1(p, batch["pose_enc"], w.quaternion_sign_invariant)
+                 for i, p in enumerate(poses))
     depth = _confident_l1(out["depth"][..., 0], batch["depth"], out["depth_conf"], w.conf_alpha)
     points = _confident_l1(out["world_points"], batch["world_points"], out["world_points_conf"], w.conf_alpha)
     loss = w.camera * camera + w.depth * depth + w.points * points
@@ -276,18 +313,23 @@ def evaluate_model(model: nn.Module, batches: list[dict[str, Tensor]], *, autoca
 POSE_COMPONENTS = ("t_x", "t_y", "t_z", "q_x", "q_y", "q_z", "q_w")
 
 
-def pose_component_correlation(model: nn.Module, batches: list[dict[str, Tensor]], *, autocast: bool) -> dict[str, float]:
+def pose_component_correlation(model: nn.Module, batches: list[dict[str, Tensor]], *, autocast: bool,
+                               first: int = 1) -> dict[str, float]:
     """Pearson correlation of each predicted pose component (translation, quaternion) with its
-    target over views 1..S-1 of ``batches`` (view 0 is the reference frame: its pose is the
-    identity). What one view shows (height, pitch) is learned long before what needs two (yaw,
-    the position along the ring): the aggregate pose metrics hide which."""
+    target over views ``first``..S-1 of ``batches`` (1 in the first view's frame, where view 0's
+    pose is the identity; 0 in the room's). A predicted quaternion is taken with the sign nearer
+    its target (q and -q are one rotation). What one view shows (height, pitch) is learned long
+    before what needs two (yaw, the position along the ring): the aggregate pose metrics hide
+    which."""
     device = batches[0]["images"].device
     predicted, target = [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for batch in batches:
-            predicted.append(model(batch["images"])["pose_enc"][:, 1:, :7].float().reshape(-1, 7))
-            target.append(batch["pose_enc"][:, 1:, :7].reshape(-1, 7))
+            predicted.append(model(batch["images"])["pose_enc"][:, first:, :7].float().reshape(-1, 7))
+            target.append(batch["pose_enc"][:, first:, :7].reshape(-1, 7))
     predicted, target = torch.cat(predicted), torch.cat(target)
+    sign = torch.where((predicted[:, 3:] * target[:, 3:]).sum(-1, keepdim=True) < 0, -1.0, 1.0)
+    predicted = torch.cat([predicted[:, :3], predicted[:, 3:] * sign], -1)
     return {name: torch.corrcoef(torch.stack([predicted[:, i], target[:, i]]))[0, 1].item()
             for i, name in enumerate(POSE_COMPONENTS)}
 
@@ -400,7 +442,8 @@ def train(arch: TeacherArch, sampling: SceneSampling, settings: TrainSettings, d
             except (mp.TimeoutError, StopIteration):
                 break
         idx = torch.randint(len(pool), (settings.batch_size,), generator=generator).tolist()
-        batch = make_sample([pool.scenes[i] for i in idx], sampling.views, generator, augment=True)
+        batch = make_sample([pool.scenes[i] for i in idx], sampling.views, generator, augment=True,
+                            room_frame=sampling.room_frame)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(batch["images"])
         loss, parts = teacher_loss(out, batch, settings.weights)
@@ -420,7 +463,8 @@ def train(arch: TeacherArch, sampling: SceneSampling, settings: TrainSettings, d
     heldout = heldout_async.get() if heldout_async is not None else None
     # the training set's mean pose of each view slot, a baseline (from pool samples)
     mean_pose = torch.cat([
-        make_sample([pool.scenes[i]], sampling.views, generator, augment=False)["pose_enc"]
+        make_sample([pool.scenes[i]], sampling.views, generator, augment=False,
+                    room_frame=sampling.room_frame)["pose_enc"]
         for i in torch.randint(len(pool), (min(256, 4 * len(pool)),), generator=generator).tolist()
     ]).mean(0)
     if workers is not None:
@@ -463,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="scenes whose six room faces have colours of their own (SyntheticSceneConfig.distinct_walls)")
     parser.add_argument("--compass-walls", action="store_true",
                         help="room faces painted in fixed hues, the same in every scene (SyntheticSceneConfig.compass_walls)")
+    parser.add_argument("--room-frame", action="store_true",
+                        help="poses and points in the room's frame instead of the first view's (needs --compass-walls)")
     parser.add_argument("--tiny", action="store_true", help="toy model on 28x28 images (CPU tests)")
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where the weights and JSON go")
     parser.add_argument("--out", type=Path, default=None, help="also copy the outputs here")
@@ -478,13 +524,15 @@ def main(argv: list[str] | None = None) -> dict:
                                         if v is not None})
     views = args.views or (4 if args.tiny else 8)
     sampling = SceneSampling(image_size=arch.image_size, views=views, rendered_views=views + (2 if args.tiny else 4),
-                             distinct_walls=args.distinct_walls, compass_walls=args.compass_walls)
+                             distinct_walls=args.distinct_walls, compass_walls=args.compass_walls,
+                             room_frame=args.room_frame)
     workers = args.workers if args.workers is not None else (0 if args.tiny else max(1, (os.cpu_count() or 2) - 2))
     settings = TrainSettings(
         minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         pool_size=args.pool_size or (16 if args.tiny else 3000),
         min_pool=args.min_pool or (4 if args.tiny else 64),
         workers=workers, eval_scenes=args.eval_scenes or (2 if args.tiny else 32), seed=args.seed,
+        weights=LossWeights(quaternion_sign_invariant=sampling.room_frame),
     )
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -498,7 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
     _bf16_round_trip(model)
     batches = heldout_batches(settings.eval_scenes, sampling, device=device, scenes=trained["heldout_scenes"])
     teacher_metrics = evaluate_model(model, batches, autocast=device.type == "cuda")
-    correlation = pose_component_correlation(model, batches, autocast=device.type == "cuda")
+    correlation = pose_component_correlation(model, batches, autocast=device.type == "cuda",
+                                             first=0 if sampling.room_frame else 1)
     baselines = baseline_metrics(batches, trained["mean_pose"])
 
     args.assets.mkdir(parents=True, exist_ok=True)

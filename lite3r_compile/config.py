@@ -144,6 +144,11 @@ class LiteConfig:
     (backends ``"fp8"`` and ``"inductor"``) runs in bfloat16 instead of the float32 VGGT and DA3
     give their heads (:mod:`lite3r_compile.backends.head_precision`). The eager student and
     distillation keep the heads as they are.
+    ``head_frames_chunk``: heads that run the frames in chunks (a ``frames_chunk_size``
+    attribute: VGGT's DPT heads, 8 frames at a time upstream) run this many at a time in the
+    deployed form. A chunk's full-resolution features are the largest activations of such a head,
+    so a smaller chunk lowers the peak memory; the outputs are the same. ``None`` keeps the
+    model's.
     ``regional_compile``: the deployed form compiles each repeated block (one graph per block
     class and shape, reused by every block of the class) and each head instead of the whole model,
     and runs the rest eagerly (:mod:`lite3r_compile.backends.regions`): a fraction of the compile
@@ -167,6 +172,7 @@ class LiteConfig:
     sla_overrides: tuple[tuple[str, SLAConfig], ...] = ()
     trainable: tuple[str, ...] = ()
     bf16_heads: tuple[str, ...] = ()
+    head_frames_chunk: int | None = None
     regional_compile: bool = False
     cuda_graphs: bool = False
     inductor_multi_kernel: bool = False
@@ -188,6 +194,10 @@ class LiteConfig:
                     f"LiteConfig.sla_overrides entries must be (site_glob, SLAConfig), got {o!r}"
                 )
         object.__setattr__(self, "sla_overrides", overrides)
+        if self.head_frames_chunk is not None and (not isinstance(self.head_frames_chunk, int)
+                                                   or self.head_frames_chunk < 1):
+            raise ValueError(f"LiteConfig.head_frames_chunk must be a positive int or None, got "
+                             f"{self.head_frames_chunk!r}")
 
     def sla_for(self, path: str, scope: str) -> tuple[SLAConfig | None, str]:
         """The SLA settings of the site at ``path`` with ``scope``, or ``None`` and why it stays

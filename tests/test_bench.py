@@ -384,3 +384,16 @@ def test_memory_trace_of_a_tiny_model_on_meta(tmp_path):
     assert one["weight_bytes"] == two["weight_bytes"] > 0
     assert 0 < one["peak_activation_bytes"] < two["peak_activation_bytes"]
     assert json.loads((tmp_path / "trace.json").read_text())[1]["frames"] == 2
+
+
+def test_memory_options_reach_the_timed_students_only():
+    from lite3r_compile.bench.variants import EXACT_STUDENT, StudentOptions, student_plan
+
+    options = StudentOptions(bf16_all_heads=True, head_frames_chunk=4)
+    for name in ("student_fp8_sla", "student_fp8_only", "student_sla_only"):
+        _, config = student_plan(name, options, dense_heads=("depth_head",))
+        assert config.bf16_heads == ("*",) and config.head_frames_chunk == 4
+    _, exact = student_plan(EXACT_STUDENT, options, dense_heads=("depth_head",))
+    assert exact.bf16_heads == () and exact.head_frames_chunk is None
+    _, dense_only = student_plan("student_fp8_sla", StudentOptions(bf16_dense_heads=True), dense_heads=("depth_head",))
+    assert dense_only.bf16_heads == ("depth_head",) and dense_only.head_frames_chunk is None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -48,7 +49,10 @@ def test_train_teacher_tiny_writes_loadable_weights_and_metrics(tmp_path):
 def test_pose_component_correlation_is_one_for_the_targets_and_follows_their_sign():
     script = _script("train_teacher")
     torch.manual_seed(0)
-    batches = [{"images": torch.zeros(1, 4, 3, 2, 2), "pose_enc": torch.randn(1, 4, 9)} for _ in range(3)]
+    # quaternions near the identity (w large), as the relative poses of nearby views are
+    near_identity = torch.tensor([0.0] * 6 + [3.0] + [0.0] * 2)
+    batches = [{"images": torch.zeros(1, 4, 3, 2, 2), "pose_enc": torch.randn(1, 4, 9) + near_identity}
+               for _ in range(3)]
 
     class Replay(torch.nn.Module):
         def __init__(self, sign):
@@ -59,8 +63,55 @@ def test_pose_component_correlation_is_one_for_the_targets_and_follows_their_sig
             return {"pose_enc": self.sign * next(self.calls)["pose_enc"]}
 
     exact = script.pose_component_correlation(Replay(1.0), batches, autocast=False)
+    assert all(abs(c - 1) < 1e-5 for c in exact.values())
+    # negated: the translation anti-correlates; -q is the same rotation as q, so it still correlates
     flipped = script.pose_component_correlation(Replay(-1.0), batches, autocast=False)
-    assert all(abs(c - 1) < 1e-5 for c in exact.values()) and all(abs(c + 1) < 1e-5 for c in flipped.values())
+    assert all(abs(flipped[name] + 1) < 1e-5 for name in ("t_x", "t_y", "t_z"))
+    assert all(abs(flipped[name] - 1) < 1e-5 for name in ("q_x", "q_y", "q_z", "q_w"))
+    # one quaternion component negated is another rotation: that component anti-correlates
+    sign = torch.tensor([1.0] * 4 + [-1.0] + [1.0] * 4)
+    one_flipped = script.pose_component_correlation(Replay(sign), batches, autocast=False)
+    assert one_flipped["q_y"] < 0 and one_flipped["t_x"] > 0.99
+
+
+def _room_scenes(script, views=4):
+    sampling = script.SceneSampling(image_size=28, views=views, rendered_views=views, compass_walls=True,
+                                    room_frame=True)
+    return sampling, [script.render_compact(seed, sampling) for seed in (0, 1)]
+
+
+def test_room_frame_keeps_the_rooms_axes_and_the_relative_poses():
+    script = _script("train_teacher")
+    sampling, scenes = _room_scenes(script)
+    first = script.make_sample(scenes, 4, torch.Generator().manual_seed(0), augment=False)
+    room = script.make_sample(scenes, 4, torch.Generator().manual_seed(0), augment=False, room_frame=True)
+    R_first, R_room = first["extrinsics"][..., :3], room["extrinsics"][..., :3]
+    torch.testing.assert_close(R_first[:, 0], torch.eye(3).expand(2, 3, 3), atol=1e-5, rtol=0)
+    # the cameras look roughly level: in the room's frame each rotation is nearly a yaw
+    assert (R_room[..., 1, 1] > 0.8).all()
+    # the same views: relative rotations agree, and so do the points seen from each camera
+    relative = lambda R: R @ R[:, :1].transpose(-1, -2)  # noqa: E731
+    torch.testing.assert_close(relative(R_room), R_first, atol=1e-5, rtol=0)
+    to_camera = lambda b: torch.einsum("bsij,bshwj->bshwi", b["extrinsics"][..., :3], b["world_points"]) \
+        + b["extrinsics"][..., None, None, :, 3]  # noqa: E731
+    torch.testing.assert_close(to_camera(room), to_camera(first), atol=1e-4, rtol=1e-4)
+
+
+def test_room_frame_needs_compass_walls():
+    script = _script("train_teacher")
+    with pytest.raises(ValueError, match="compass"):
+        script.SceneSampling(room_frame=True)
+
+
+def test_the_pose_loss_scores_a_quaternion_by_the_nearer_sign():
+    script = _script("train_teacher")
+    torch.manual_seed(0)
+    target, pred = torch.randn(2, 3, 9), torch.randn(2, 3, 9)
+    negated = torch.cat([pred[..., :3], -pred[..., 3:7], pred[..., 7:]], -1)
+    torch.testing.assert_close(script.pose_l1(negated, target, True), script.pose_l1(pred, target, True))
+    assert script.pose_l1(pred, target, True) <= script.pose_l1(pred, target, False)
+    q_target = torch.cat([target[..., :3], -target[..., 3:7], target[..., 7:]], -1)
+    assert script.pose_l1(q_target, target, True) < 1e-6 < script.pose_l1(q_target, target, False)
 
 
 def test_distill_benchmark_compares_both_modes(tmp_path):

@@ -165,3 +165,34 @@ def test_da3_dualdpt_in_bfloat16_returns_its_dict_in_float32():
     for key in ("depth", "depth_conf"):
         assert out[key].dtype == torch.float32
         assert rel_err(out[key], expected[key]) < 2e-2, key
+
+
+def test_the_deployed_dpt_heads_run_the_frames_chunk_the_config_asks_for():
+    torch.manual_seed(0)
+    model = models_zoo.create("vggt-tiny").eval()
+    images = torch.rand(1, 3, 3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chunked = lite(model, backend="fp8", config=LiteConfig(head_frames_chunk=1))
+        reference = lite(model, backend="fp8")
+    deployed = _deployed(chunked)
+    assert sorted(deployed.record.head_frames_chunk) == ["depth_head", "point_head", "track_head.feature_extractor"]
+    assert deployed.module.depth_head.frames_chunk_size == 1
+    assert chunked.depth_head.frames_chunk_size == model.depth_head.frames_chunk_size == 8  # copies only
+    starts = []
+    impl = deployed.module.depth_head._forward_impl
+    deployed.module.depth_head._forward_impl = lambda *a, **k: starts.append(a[3:]) or impl(*a, **k)
+    with torch.no_grad():
+        out = output_tensors(deployed(images))
+        expected = output_tensors(_deployed(reference)(images))
+    assert starts == [(0, 1), (1, 2), (2, 3)]
+    for key in ("depth", "world_points", "pose_enc"):
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_a_frames_chunk_for_a_model_without_chunked_heads_is_an_error():
+    with pytest.raises(ValueError, match="positive"):
+        LiteConfig(head_frames_chunk=0)
+    student = make_student(make_teacher(), head_frames_chunk=2)
+    with pytest.raises(ValueError, match="frames_chunk_size"):
+        _deployed(student)

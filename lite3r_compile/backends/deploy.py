@@ -71,7 +71,8 @@ class DeployRecord:
     ``multi_kernel``: Inductor's multi-kernel reductions are on (``LiteConfig.inductor_multi_kernel``);
     ``gelu_fused``: GELU modules folded into the FP8 quantization of the layer after them, and
     ``gelu_kept``: (path, why) of those left as they are
-    (:func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`)."""
+    (:func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`); ``head_frames_chunk``:
+    heads whose frame chunk ``LiteConfig.head_frames_chunk`` set."""
 
     backend: str
     float8_layers: list[str] = field(default_factory=list)
@@ -85,6 +86,7 @@ class DeployRecord:
     multi_kernel: bool = False
     gelu_fused: list[str] = field(default_factory=list)
     gelu_kept: list[tuple[str, str]] = field(default_factory=list)
+    head_frames_chunk: list[str] = field(default_factory=list)
 
 
 class DeployedStudent(nn.Module):
@@ -187,6 +189,24 @@ def lower_fp8(module: nn.Module, student: nn.Module, record: DeployRecord) -> li
     return sources
 
 
+def set_head_frames_chunk(module: nn.Module, frames: int) -> list[str]:
+    """Make every head of ``module`` that runs its frames in chunks (a ``frames_chunk_size``
+    attribute, on the head or a module inside it) run ``frames`` at a time; returns their paths.
+    Raises ``ValueError`` where no head has the attribute, rather than ignore the setting."""
+    from lite3r_compile.backends.head_precision import find_heads
+
+    paths = [f"{head}.{sub}" if sub else head for head in find_heads(module)
+             for sub, m in module.get_submodule(head).named_modules() if hasattr(m, "frames_chunk_size")]
+    if not paths:
+        raise ValueError(
+            f"LiteConfig.head_frames_chunk={frames}: no head of {type(module).__name__} runs its frames in "
+            "chunks (a frames_chunk_size attribute, as VGGT's DPT heads have); leave it None for this model"
+        )
+    for path in paths:
+        module.get_submodule(path).frames_chunk_size = frames
+    return paths
+
+
 def deploy(
     student: nn.Module,
     backend: str = "fp8",
@@ -247,6 +267,8 @@ def deploy(
     if lite_record is not None and lite_record.config.bf16_heads:
         record.bf16_heads, record.heads_kept, casts = lower_head_precision(
             module, student, lite_record.config.bf16_heads, torch.bfloat16)
+    if lite_record is not None and lite_record.config.head_frames_chunk is not None:
+        record.head_frames_chunk = set_head_frames_chunk(module, lite_record.config.head_frames_chunk)
     record.cuda_graphs = cuda_graphs and compile
     record.multi_kernel = compile and lite_record is not None and lite_record.config.inductor_multi_kernel
     runner = module

@@ -9,18 +9,21 @@ import of lite3r_compile. For each graph Dynamo captures it
    Dynamo graph, before AOTAutograd (:mod:`lite3r_compile.backends.graph_attention`);
 2. quantizes the Linear calls to FP8 with dynamic, fused activation scales
    (:mod:`lite3r_compile.backends.graph_fp8`);
-3. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
+3. computes once, at compile time, what does not depend on the inputs (shape-only tensors such as
+   the DPT heads' sin/cos pixel embeddings, which Inductor would recompute at every call) and
+   reads it from a buffer (:mod:`lite3r_compile.backends.fold_constants`);
+4. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
 
 Options (``torch.compile(model, backend="lite3r", options={...})``): ``topk``, ``negligible``,
 ``block_q``, ``block_k``, ``feature_map`` (:class:`~lite3r_compile.sla.config.SLAConfig`),
 ``sla`` (rewrite attention, default True), ``fp8`` (default True), ``granularity``
 (``"rowwise"``/``"tensorwise"``), ``fp8_exclude`` (module-path globs kept high precision),
-``compiler`` (``"inductor"``/``"eager"``), ``cuda_graphs``, ``multi_kernel`` (Inductor's
-``triton.multi_kernel``: reductions over rows up to 16x wider than its persistent-reduction limit of
-1024 also get a persistent variant, and the faster of the two is picked by timing them on the
-first call. The FP8 quantization of a 4096-wide GELU output is such a reduction: looped, it
-computes the GELU twice). ``mode`` is Inductor's
-(``"reduce-overhead"`` turns CUDA graphs on). An unknown option is an error.
+``fold_constants`` (step 3, default True), ``compiler`` (``"inductor"``/``"eager"``),
+``cuda_graphs``, ``multi_kernel`` (Inductor's ``triton.multi_kernel``: reductions over rows up to
+16x wider than its persistent-reduction limit of 1024 also get a persistent variant, and the
+faster of the two is picked by timing them on the first call. The FP8 quantization of a
+4096-wide GELU output is such a reduction: looped, it computes the GELU twice). ``mode`` is
+Inductor's (``"reduce-overhead"`` turns CUDA graphs on). An unknown option is an error.
 
 Where the graph's tensors are not on a GPU with FP8 tensor cores, FP8 is emulated (same
 rounding, float32 products) and SLA runs its PyTorch reference off CUDA; one warning says so.
@@ -38,6 +41,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from lite3r_compile.backends.fold_constants import FoldConfig, FoldConstantsPass, FoldReport, fold_input_independent
 from lite3r_compile.backends.fp8_linear import has_fp8_gemm
 from lite3r_compile.backends.graph_attention import GraphSite, rewrite_dynamo_attention
 from lite3r_compile.backends.graph_fp8 import GraphLinear, graph_prefix, quantize_dynamo_linears
@@ -70,6 +74,7 @@ class CompileOptions:
     fp8: bool = True
     granularity: str = "rowwise"
     fp8_exclude: tuple[str, ...] = ()
+    fold_constants: bool = True
     compiler: str = "inductor"
     cuda_graphs: bool = False
     multi_kernel: bool = False
@@ -106,8 +111,10 @@ class CompileOptions:
 @dataclass
 class GraphReport:
     """What the backend did to one Dynamo graph: the attention sites (rewritten or why not), the
-    Linear calls (quantized or why not), the graph breaks Dynamo reported before this graph, the
-    device, and whether FP8 is emulated there."""
+    Linear calls (quantized or why not), the input-independent values computed once (``folded``:
+    ``None`` with ``fold_constants`` off, or when Inductor's cache supplied the compiled graph, so
+    that the pass ran only when it was first compiled), the graph breaks Dynamo reported before
+    this graph, the device, and whether FP8 is emulated there."""
 
     options: CompileOptions
     device: torch.device
@@ -115,6 +122,7 @@ class GraphReport:
     sites: list[GraphSite] = field(default_factory=list)
     linears: list[GraphLinear] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
+    folded: FoldReport | None = None
 
     @property
     def rewritten(self) -> int:
@@ -174,8 +182,10 @@ def _warn_no_fp8_device(device: torch.device, options: CompileOptions) -> None:
     )
 
 
-def _inductor(gm: fx.GraphModule, example_inputs: list, options: CompileOptions, mode: str | None) -> Callable:
+def _inductor(gm: fx.GraphModule, example_inputs: list, options: CompileOptions, mode: str | None,
+              report: GraphReport) -> Callable:
     from torch._inductor import list_mode_options
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
@@ -189,6 +199,14 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, options: CompileOptions,
         patches["triton.cudagraphs"] = True
     if options.multi_kernel:
         patches["triton.multi_kernel"] = 1
+    if options.fold_constants:
+        # a post-grad pass on the ATen graph Inductor compiles, where a folded value becomes a
+        # constant as Inductor's freezing makes them; its uuid keys Inductor's caches
+        def record(folded: FoldReport) -> None:
+            report.folded = folded if report.folded is None else report.folded.merged(folded)
+
+        patches["post_grad_custom_pre_pass"] = FoldConstantsPass(
+            FoldConfig(), on_fold=record, after=inductor_config.post_grad_custom_pre_pass)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
@@ -224,8 +242,10 @@ def lite3r_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[st
     report.linears = quantize_dynamo_linears(gm, example_inputs, opts.fp8_config(), site_paths)
     _REPORTS.append(report)
     if opts.compiler == "eager":
+        if opts.fold_constants:
+            report.folded = fold_input_independent(gm)
         return gm.forward
-    return _inductor(gm, example_inputs, opts, mode)
+    return _inductor(gm, example_inputs, opts, mode, report)
 
 
 __all__ = [

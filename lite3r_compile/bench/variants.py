@@ -49,7 +49,9 @@ class StudentOptions:
     (``LiteConfig.cuda_graphs``; ``mode="reduce-overhead"`` for ``dense_compiled``);
     ``inductor_multi_kernel``: every compiled variant lets Inductor time persistent against looped
     variants of its wide reductions (``LiteConfig.inductor_multi_kernel``; ``triton.multi_kernel``
-    for ``dense_compiled``)."""
+    for ``dense_compiled``); ``bf16_all_heads``: the timed students run every head in bfloat16,
+    the camera head too (implies ``bf16_dense_heads``); ``head_frames_chunk``: the timed students'
+    chunked heads run this many frames at a time (``LiteConfig.head_frames_chunk``)."""
 
     topk: float = 0.1
     sla_scopes: tuple[str, ...] = ("global",)
@@ -58,6 +60,8 @@ class StudentOptions:
     regional_compile: bool = True
     cuda_graphs: bool = False
     inductor_multi_kernel: bool = False
+    bf16_all_heads: bool = False
+    head_frames_chunk: int | None = None
 
 
 def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, ...] = ()) -> tuple[str, Any]:
@@ -65,16 +69,18 @@ def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, 
     the model's dense-prediction heads (:class:`models.ModelSpec`)."""
     from lite3r_compile import FP8Config, LiteConfig, SLAConfig
 
-    sla, heads = SLAConfig(topk=options.topk), dense_heads if options.bf16_dense_heads else ()
+    sla = SLAConfig(topk=options.topk)
+    heads = ("*",) if options.bf16_all_heads else dense_heads if options.bf16_dense_heads else ()
     deployed = {"regional_compile": options.regional_compile, "cuda_graphs": options.cuda_graphs,
                 "inductor_multi_kernel": options.inductor_multi_kernel}
+    timed = {**deployed, "head_frames_chunk": options.head_frames_chunk}
     plans = {
         "student_fp8_sla": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=options.sla_scopes,
-                                              bf16_heads=heads, **deployed)),
+                                              bf16_heads=heads, **timed)),
         "student_fp8_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=True), sla_scopes=(), bf16_heads=heads,
-                                               **deployed)),
+                                               **timed)),
         "student_sla_only": ("fp8", LiteConfig(sla=sla, fp8=FP8Config(enabled=False), sla_scopes=options.sla_scopes,
-                                               bf16_heads=heads, **deployed)),
+                                               bf16_heads=heads, **timed)),
         EXACT_STUDENT: ("fp8", LiteConfig(sla=SLAConfig(topk=1.0), fp8=FP8Config(enabled=False),
                                           sla_scopes=options.sla_scopes, **deployed)),
     }

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16-dense-heads", action="store_true",
                         help="the timed students run the dense-prediction heads (VGGT's depth and point heads, "
                              "DA3's DualDPT) in bfloat16 (LiteConfig.bf16_heads); default: float32 as the model")
+    parser.add_argument("--bf16-all-heads", action="store_true",
+                        help="the timed students run every head in bfloat16, the camera head too (LiteConfig.bf16_heads='*')")
+    parser.add_argument("--head-frames-chunk", type=int, default=None, metavar="N",
+                        help="the timed students' chunked heads (VGGT's DPT heads, 8 upstream) run N frames at a time "
+                             "(LiteConfig.head_frames_chunk): less memory, the same outputs")
     parser.add_argument("--student-backend", default=None, choices=("fp8", "inductor", "eager"),
                         help="build every student with this lite() backend (default fp8; eager runs them uncompiled, for CPU tests)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -79,7 +84,8 @@ def config_from_args(args: argparse.Namespace):
         students=StudentOptions(topk=args.topk, sla_scopes=tuple(args.sla_scopes), backend=args.student_backend,
                                 bf16_dense_heads=args.bf16_dense_heads,
                                 regional_compile=args.compile_scope == "blocks", cuda_graphs=args.cuda_graphs,
-                                inductor_multi_kernel=args.inductor_multi_kernel),
+                                inductor_multi_kernel=args.inductor_multi_kernel, bf16_all_heads=args.bf16_all_heads,
+                                head_frames_chunk=args.head_frames_chunk),
         compile_backend=args.compile_backend, breakdown_frames=tuple(args.breakdown_frames),
         correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
         image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,

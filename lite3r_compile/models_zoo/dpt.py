@@ -128,6 +128,10 @@ class DPTScratch(nn.Module):
         return self.output_conv1(out)
 
 
+# forward's default chunk: the head's own ``frames_chunk_size`` attribute
+MODULE_CHUNK = object()
+
+
 class DPTHead(nn.Module):
     """DPT head over VGGT aggregator tokens.
 
@@ -182,6 +186,7 @@ class DPTHead(nn.Module):
         self.activation = activation
         self.conf_activation = conf_activation
         self.pos_embed = pos_embed
+        self.frames_chunk_size: int | None = 8
         self.feature_only = feature_only
         self.down_ratio = down_ratio
         self.intermediate_layer_idx = list(intermediate_layer_idx)
@@ -206,9 +211,11 @@ class DPTHead(nn.Module):
         aggregated_tokens_list: Sequence[torch.Tensor],
         images: torch.Tensor,
         patch_start_idx: int,
-        frames_chunk_size: int | None = 8,
+        frames_chunk_size: int | None | object = MODULE_CHUNK,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Run the head, `frames_chunk_size` frames at a time (None: all at once) to bound memory.
+        """Run the head, `frames_chunk_size` frames at a time (None: all at once) to bound memory;
+        by default the module's `frames_chunk_size` attribute (8, upstream's default; a deployment
+        may lower it, `LiteConfig.head_frames_chunk`).
 
         Args:
             aggregated_tokens_list: per aggregator block, tokens (B, S, P, dim_in) with the patch
@@ -222,6 +229,8 @@ class DPTHead(nn.Module):
             Otherwise: preds (B, S, H', W', output_dim - 1) and conf (B, S, H', W').
         """
         num_frames = images.shape[1]
+        if frames_chunk_size is MODULE_CHUNK:
+            frames_chunk_size = self.frames_chunk_size
         if frames_chunk_size is None or frames_chunk_size >= num_frames:
             return self._forward_impl(aggregated_tokens_list, images, patch_start_idx)
         if frames_chunk_size <= 0:
