@@ -254,3 +254,32 @@ def test_kernel_sources_copies_the_smallest_file_defining_each_hot_inductor_kern
     assert index["triton_red_fused_gelu_1"]["runs"] == ["m S=8 student_fp8_sla: 7.90 ms over 48 calls"]
     copied = (out / "triton_red_fused_gelu_1.py").read_text()
     assert "7.90 ms over 48 calls" in copied and "# pad" not in copied
+
+
+def test_special_token_query_blocks_are_found_and_the_override_is_undone():
+    from lite3r_compile.sla import reference
+    from lite3r_compile.sla.config import SLAConfig
+
+    script = _script("sla_special_tokens")
+    # 3 frames of 40 tokens (2 special), blocks of 16: rows 0-1, 40-41, 80-81
+    assert script.special_query_blocks(120, 40, 2, 16) == [0, 2, 5]
+    q, k = torch.randn(1, 1, 120, 8), torch.randn(1, 1, 120, 8)
+    config = SLAConfig(topk=0.25, block_q=16, block_k=16)
+    original = reference.classify_blocks
+    with script.special_queries_dense(40, 2):
+        classes = reference.classify_blocks(q, k, config)
+        frame = reference.classify_blocks(q[:, :, :40], k[:, :, :40], config)
+    assert reference.classify_blocks is original
+    assert (classes[0, 0, [0, 2, 5]] == reference.CRITICAL).all()
+    assert (classes[0, 0, [1, 3, 4, 6, 7]] == reference.CRITICAL).sum(-1).tolist() == [2] * 5  # topk 0.25 of 8
+    assert torch.equal(frame, original(q[:, :, :40], k[:, :, :40], config))  # one frame: untouched
+
+
+def test_special_tokens_diagnostic_runs_on_a_tiny_teacher(tmp_path):
+    tt = _script("train_teacher")
+    tt.main(["--tiny", "--max-steps", "2", "--batch-size", "2", "--assets", str(tmp_path), "--device", "cpu"])
+    script = _script("sla_special_tokens")
+    rows = script.main(["--teacher", str(tmp_path / f"{tt.TEACHER_NAME}.safetensors"), "--block", "16",
+                        "--eval-scenes", "1", "--out", str(tmp_path / "special.json")])
+    assert [r["model"] for r in rows][0] == "teacher" and len(rows) == 3
+    assert json.loads((tmp_path / "special.json").read_text())["rows"] == rows
