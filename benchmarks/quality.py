@@ -101,25 +101,26 @@ def main_variant_name(topk: float) -> str:
 
 def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
              scopes: tuple[str, ...], blocks: tuple[int, int] = (SLAConfig.block_q, SLAConfig.block_k),
-             long_steps: int = 0, full_finetune: bool = False) -> list[Variant]:
+             long_steps: int = 0, full_finetune: bool = False,
+             dense_rows: tuple[int, int] | None = None) -> list[Variant]:
     no_fp8 = FP8Config(enabled=False)
     out = [Variant("teacher", None, False, "teacher"),
            Variant("fp8", LiteConfig(sla_scopes=(), fp8=FP8Config()), False, "fp8")]
     for topk in topks:
-        sla = SLAConfig(topk=topk, block_q=blocks[0], block_k=blocks[1])
+        sla = SLAConfig(topk=topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
         for name, fp8 in ((f"sla@{topk}", no_fp8), (f"sla+fp8@{topk}", FP8Config())):
             config = LiteConfig(sla=sla, fp8=fp8, sla_scopes=scopes)
             out.append(Variant(name, config, False, name))
             out.append(Variant(name + "+distill", config, True, name,
                                log_drift=name + "+distill" == main_variant_name(main_topk)))
     if keep and sensitivity:
-        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
         least = sorted(sensitivity, key=lambda b: b.relative_change)[:keep]
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} most sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(keep_high_precision=keep), sla_scopes=scopes), True, f"keep{keep}"))
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} least sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(exclude=block_globs(least)), sla_scopes=scopes), True, f"keep{keep}"))
-    sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+    sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
     out.append(Variant("bf16 dense heads", LiteConfig(sla_scopes=(), fp8=no_fp8, bf16_heads=DENSE_HEADS), False,
                        "bf16 dense heads", deployed=True))
     out.append(Variant("bf16 heads, camera head too", LiteConfig(sla_scopes=(), fp8=no_fp8, bf16_heads=("*",)), False,
@@ -128,12 +129,12 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
                        LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes, bf16_heads=DENSE_HEADS), True,
                        f"sla+fp8@{main_topk}, bf16 dense heads", deployed=True))
     if long_steps:
-        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
         out.append(Variant(f"{main_variant_name(main_topk)}, {long_steps} steps",
                            LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes), True,
                            f"sla+fp8@{main_topk}", steps=long_steps, log_drift=True))
     if full_finetune:
-        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1])
+        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
         out.append(Variant(f"sla+fp8@{main_topk}+full fine-tuning", LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes),
                            True, f"sla+fp8@{main_topk}", trainable="all"))
     return out
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="SLA query block (default: SLAConfig's; small models need small blocks for "
                              "the topk sweep to mean anything: 0.05 and 0.2 of 5 key blocks are both 1)")
     parser.add_argument("--block-k", type=int, default=SLAConfig.block_k, help="SLA key block")
+    parser.add_argument("--dense-special-rows", action="store_true",
+                        help="every SLA student gives the teacher's camera and register tokens exact attention "
+                             "(SLAConfig.dense_rows = (tokens per frame, patch_start_idx))")
     parser.add_argument("--main-topk", type=float, default=0.1, help="the topk of the sensitivity and drift runs")
     parser.add_argument("--steps", type=int, default=300, help="distillation steps per distilled variant")
     parser.add_argument("--long-steps", type=int, default=0,
@@ -300,11 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     sensitivity = fp8_sensitivity(teacher, (example,)) if args.keep else []
     if args.keep > len(sensitivity):
         args.keep = 0
+    dense_rows = None
+    if args.dense_special_rows:
+        # VGGT: each frame's camera and register tokens, then its patch grid
+        special = teacher.aggregator.patch_start_idx
+        dense_rows = (special + (size // teacher.aggregator.patch_size) ** 2, special)
     main_name = main_variant_name(args.main_topk)
     rows, drift, speeds = [], {}, {}
     log_dir = Path(tempfile.mkdtemp(prefix="lite3r-quality-logs-"))
     for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes),
-                            (args.block_q, args.block_k), args.long_steps, args.full_finetune):
+                            (args.block_q, args.block_k), args.long_steps, args.full_finetune, dense_rows):
         if args.only is not None and variant.config is not None and not any(fnmatch(variant.name, g) for g in args.only):
             continue
         t0 = time.perf_counter()
@@ -333,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "teacher": str(teacher_path), "teacher_record": {k: record[k] for k in ("arch", "sampling", "steps") if k in record},
+        "teacher": str(teacher_path), "sla_dense_rows": dense_rows,
+        "teacher_record": {k: record[k] for k in ("arch", "sampling", "steps") if k in record},
         "eval_scenes": args.eval_scenes, "steps": args.steps, "main_variant": main_name,
         "sla_blocks": [args.block_q, args.block_k], "sla_scopes": list(args.sla_scopes),
         "rows": rows, "sensitivity": [dataclasses.asdict(b) for b in sensitivity],

@@ -158,6 +158,19 @@ def test_quality_study_only_runs_the_named_variants(tmp_path):
     assert names == ["teacher", "fp8", "sla@0.1", "sla@0.1+distill"]
 
 
+def test_quality_study_can_give_the_special_tokens_dense_rows(tmp_path):
+    script = _script("quality")
+    assert script.main(["--tiny", "--topk", "0.1", "--steps", "1", "--train-scenes", "2", "--eval-scenes", "1",
+                        "--workers", "0", "--keep", "0", "--only", "sla@0.1", "--dense-special-rows",
+                        "--block-q", "16", "--block-k", "16", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    period, special = result["sla_dense_rows"]
+    assert special >= 1 and period == special + 4  # a 28 px tiny teacher: a 2 x 2 patch grid per frame
+    assert [r["variant"] for r in result["rows"]] == ["teacher", "sla@0.1"]
+    sla = script.variants([0.1], 0, [], 0.1, ("global",), (16, 16), dense_rows=(period, special))[2].config.sla
+    assert sla.dense_rows == (period, special)
+
+
 _SLA_KERNEL_STEPS = """
 import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("sla_kernel", sys.argv[1])

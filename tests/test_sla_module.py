@@ -170,3 +170,41 @@ def test_proj_l_stays_float32_inside_a_cast_parent():
     parent.to(torch.bfloat16)
     assert parent["proj"].weight.dtype == torch.bfloat16
     assert parent["attn"].proj_l.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("n_queries", [3 * 40, 3 * 40 + 1, 3 * 40 + 7, 5])
+def test_dense_row_index_takes_the_first_rows_of_every_period(n_queries):
+    from lite3r_compile.sla.op import dense_row_index
+
+    expected = [i for i in range(n_queries) if i % 40 < 3]
+    assert dense_row_index(n_queries, 40, 3).tolist() == expected
+
+
+def test_dense_rows_are_exact_attention_and_the_other_rows_are_sla():
+    period, count = 40, 3
+    sparse = SLAConfig(topk=0.25, block_q=16, block_k=16, feature_map="elu")
+    with_rows = SLAConfig(topk=0.25, block_q=16, block_k=16, feature_map="elu", dense_rows=(period, count))
+    module = SparseLinearAttention(32, with_rows)
+    with torch.no_grad():
+        module.proj_l.weight.normal_()
+        module.proj_l.bias.normal_()
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 3 * period, 3 * period, 32))
+    out = module(q, k, v, scale=0.3)
+    rows = torch.tensor([i for i in range(3 * period) if i % period < count])
+    others = torch.tensor([i for i in range(3 * period) if i % period >= count])
+    exact = F.scaled_dot_product_attention(q, k, v, scale=0.3) + module.proj_l.bias
+    torch.testing.assert_close(out[:, :, rows], exact[:, :, rows])
+    plain, _, _, _ = reference.sla_forward(q, k, v, module.proj_l.weight, module.proj_l.bias, 0.3, sparse)
+    torch.testing.assert_close(out[:, :, others], plain[:, :, others])
+    # gradients flow through both parts to q, k, v and the projection
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v, module.proj_l.weight])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert grads[0][:, :, rows].abs().sum() > 0
+
+
+def test_dense_rows_are_validated_and_shown():
+    for bad in ((0, 0), (8, 9), (8, 0), (8,)):
+        with pytest.raises(ValueError, match="dense_rows"):
+            SLAConfig(dense_rows=bad)
+    assert SLAConfig(dense_rows=[1374, 5]).dense_rows == (1374, 5)  # from JSON, a list
+    assert "dense_rows=(1374, 5)" in repr(SparseLinearAttention(64, SLAConfig(dense_rows=(1374, 5))))

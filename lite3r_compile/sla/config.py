@@ -25,6 +25,13 @@ class SLAConfig:
     every size (benchmarks/NOTES.md, SLA kernels): half as many query blocks halve the block map
     and the linear branch's marginal sums, and the fused kernel's tiles are larger. Any powers of
     two >= 16 work.
+
+    ``dense_rows=(period, count)``: the query rows whose index modulo ``period`` is below
+    ``count`` get exact softmax attention over every key instead (their SLA output is replaced).
+    VGGT puts a camera token and register tokens at the start of each frame's tokens; in global
+    attention they share a query block with patch tokens, whose mean query then picks their key
+    blocks, and the camera head reads nothing else: ``(tokens_per_frame, patch_start_idx)`` gives
+    them dense rows for a few rows' cost (benchmarks/NOTES.md, session 8). ``None``: no dense rows.
     """
 
     topk: float = 0.1
@@ -32,6 +39,7 @@ class SLAConfig:
     block_q: int = 128
     block_k: int = 64
     feature_map: FeatureMap = "softmax"
+    dense_rows: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.topk <= 1.0:
@@ -50,6 +58,13 @@ class SLAConfig:
             raise ValueError(
                 f"SLAConfig.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}"
             )
+        if self.dense_rows is not None:
+            rows = tuple(self.dense_rows)  # JSON gives a list
+            if len(rows) != 2 or not all(isinstance(r, int) for r in rows) or not 0 < rows[1] <= rows[0]:
+                raise ValueError(
+                    f"SLAConfig.dense_rows must be (period, count) with 0 < count <= period, got {self.dense_rows!r}"
+                )
+            object.__setattr__(self, "dense_rows", rows)
 
     def num_critical(self, n_kblocks: int) -> int:
         """Critical key blocks per query block: ``ceil(topk * n_kblocks)``, at least 1."""

@@ -61,4 +61,5 @@ class SparseLinearAttention(nn.Module):
         return (
             f"head_dim={self.head_dim}, topk={c.topk}, negligible={c.negligible}, "
             f"block_q={c.block_q}, block_k={c.block_k}, feature_map={c.feature_map!r}"
+            + (f", dense_rows={c.dense_rows}" if c.dense_rows is not None else "")
         )

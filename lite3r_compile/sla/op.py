@@ -203,6 +203,9 @@ def sla_attention(
     in its first training step without this). On other devices the op runs the reference, the
     specification, bit for bit. Under ``torch.compile`` / ``torch.export`` the op always runs
     (the same values), so traced graphs do not depend on the sequence's block count.
+
+    With ``config.dense_rows``, those query rows are then recomputed as exact attention (SDPA over
+    every key, plus ``proj_bias``, as where every block is critical) and written over SLA's.
     """
     scale = reference.default_scale(q.shape[-1]) if scale is None else float(scale)
     if q.is_cuda and not torch.compiler.is_compiling() and every_block_critical(k.shape[2], config):
@@ -215,7 +218,22 @@ def sla_attention(
         config.topk, config.negligible, config.block_q, config.block_k, config.feature_map,
         save_for_backward,
     )
+    if config.dense_rows is not None:
+        rows = dense_row_index(q.shape[2], *config.dense_rows, device=q.device)
+        exact = dense_attention(q.index_select(2, rows), k, v, proj_weight, proj_bias, scale)
+        o = o.index_copy(2, rows, exact)
     return o
+
+
+def dense_row_index(n_queries: int, period: int, count: int, device: torch.device | None = None) -> torch.Tensor:
+    """int64 indices of the rows ``i < n_queries`` with ``i % period < count``
+    (:attr:`SLAConfig.dense_rows`), in ascending order, built without data-dependent ops."""
+    frames, tail = divmod(n_queries, period)
+    index = (torch.arange(frames, device=device)[:, None] * period + torch.arange(count, device=device)).flatten()
+    extra = min(count, tail)
+    if extra:
+        index = torch.cat([index, frames * period + torch.arange(extra, device=device)])
+    return index
 
 
 def every_block_critical(n_keys: int, config: SLAConfig) -> bool:
