@@ -397,3 +397,39 @@ def test_memory_options_reach_the_timed_students_only():
     assert exact.bf16_heads == () and exact.head_frames_chunk is None
     _, dense_only = student_plan("student_fp8_sla", StudentOptions(bf16_dense_heads=True), dense_heads=("depth_head",))
     assert dense_only.bf16_heads == ("depth_head",) and dense_only.head_frames_chunk is None
+
+
+def test_dense_special_rows_come_from_the_model_and_reach_the_sla_students():
+    from lite3r_compile.bench.variants import EXACT_STUDENT, StudentOptions, special_token_rows, student_plan
+
+    spec = model_spec("vggt-tiny")
+    model = build_model(spec, "cpu")
+    images = make_images(spec, 2, "cpu")
+    rows = special_token_rows(model, images)
+    assert rows == (model.aggregator.patch_start_idx + 4, model.aggregator.patch_start_idx)  # 28 px: 2 x 2 patches
+    options = StudentOptions(dense_special_rows=True)
+    for name in ("student_fp8_sla", "student_sla_only"):
+        assert student_plan(name, options, dense_rows=rows)[1].sla.dense_rows == rows
+    assert student_plan(EXACT_STUDENT, options, dense_rows=rows)[1].sla.dense_rows is None
+    assert student_plan("student_fp8_sla", StudentOptions(), dense_rows=rows)[1].sla.dense_rows is None
+    with pytest.raises(ValueError, match="dense-special-rows"):
+        special_token_rows(torch.nn.Linear(2, 2), images)
+
+
+def test_bench_runs_the_sla_students_with_dense_special_rows(tmp_path):
+    result = _run(tmp_path, "--models", "vggt-tiny", "--variants", "dense_eager", "student_fp8_sla",
+                  "--dense-special-rows", "--no-exact-check", "--no-plot")
+    assert result["config"]["students"]["dense_special_rows"] is True
+    student = next(r for r in result["runs"] if r["variant"] == "student_fp8_sla")
+    assert "error" not in student, student["error"]
+    assert student["latency_ms"] > 0
+    # and the students built that way carry the rows at every SLA site
+    from lite3r_compile.bench.variants import StudentOptions, build_students, special_token_rows
+    from lite3r_compile.sla import SparseLinearAttention
+
+    spec = model_spec("vggt-tiny")
+    teacher, images = build_model(spec, "cpu"), make_images(spec, 2, "cpu")
+    built = build_students(teacher, ["student_fp8_sla"], StudentOptions(dense_special_rows=True, backend="eager"),
+                           (images,), references=False)
+    sites = [m for m in built.timed["student_fp8_sla"].modules() if isinstance(m, SparseLinearAttention)]
+    assert sites and all(m.config.dense_rows == special_token_rows(teacher, images) for m in sites)

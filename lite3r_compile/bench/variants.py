@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 VARIANTS: tuple[str, ...] = (
     "dense_eager", "dense_compiled", "student_fp8_sla", "student_fp8_only", "student_sla_only",
@@ -51,7 +51,9 @@ class StudentOptions:
     variants of its wide reductions (``LiteConfig.inductor_multi_kernel``; ``triton.multi_kernel``
     for ``dense_compiled``); ``bf16_all_heads``: the timed students run every head in bfloat16,
     the camera head too (implies ``bf16_dense_heads``); ``head_frames_chunk``: the timed students'
-    chunked heads run this many frames at a time (``LiteConfig.head_frames_chunk``)."""
+    chunked heads run this many frames at a time (``LiteConfig.head_frames_chunk``);
+    ``dense_special_rows``: the SLA students give each frame's camera and register tokens exact
+    attention (``SLAConfig.dense_rows``, from :func:`special_token_rows`)."""
 
     topk: float = 0.1
     sla_scopes: tuple[str, ...] = ("global",)
@@ -62,14 +64,33 @@ class StudentOptions:
     inductor_multi_kernel: bool = False
     bf16_all_heads: bool = False
     head_frames_chunk: int | None = None
+    dense_special_rows: bool = False
 
 
-def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, ...] = ()) -> tuple[str, Any]:
+def special_token_rows(model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """``(tokens_per_frame, special_tokens)`` of a VGGT-style model (an ``aggregator`` with
+    ``patch_start_idx`` special tokens before each frame's patch grid) on ``images``
+    (B, S, 3, H, W): the ``SLAConfig.dense_rows`` that give those tokens exact attention."""
+    aggregator = getattr(model, "aggregator", None)
+    if aggregator is None or not hasattr(aggregator, "patch_start_idx") or not hasattr(aggregator, "patch_size"):
+        raise ValueError(
+            f"lite3r bench --dense-special-rows: {type(model).__name__} has no VGGT-style aggregator "
+            "(patch_start_idx special tokens before each frame's patches); run it without the flag"
+        )
+    height, width = images.shape[-2:]
+    patch = aggregator.patch_size
+    special = aggregator.patch_start_idx
+    return special + (height // patch) * (width // patch), special
+
+
+def student_plan(variant: str, options: StudentOptions, dense_heads: tuple[str, ...] = (),
+                 dense_rows: tuple[int, int] | None = None) -> tuple[str, Any]:
     """(backend, LiteConfig) of a student variant (or of :data:`EXACT_STUDENT`); ``dense_heads``:
-    the model's dense-prediction heads (:class:`models.ModelSpec`)."""
+    the model's dense-prediction heads (:class:`models.ModelSpec`); ``dense_rows``: the SLA
+    students' ``SLAConfig.dense_rows`` (with ``options.dense_special_rows``)."""
     from lite3r_compile import FP8Config, LiteConfig, SLAConfig
 
-    sla = SLAConfig(topk=options.topk)
+    sla = SLAConfig(topk=options.topk, dense_rows=dense_rows if options.dense_special_rows else None)
     heads = ("*",) if options.bf16_all_heads else dense_heads if options.bf16_dense_heads else ()
     deployed = {"regional_compile": options.regional_compile, "cuda_graphs": options.cuda_graphs,
                 "inductor_multi_kernel": options.inductor_multi_kernel}
@@ -111,9 +132,10 @@ def build_students(teacher: nn.Module, names: list[str], options: StudentOptions
 
     from lite3r_compile.api import lite_variants
 
+    dense_rows = special_token_rows(teacher, example_inputs[0]) if options.dense_special_rows else None
     wanted: dict[tuple[str, str], tuple[str, Any]] = {}
     for name in names:
-        backend, config = student_plan(name, options, dense_heads)
+        backend, config = student_plan(name, options, dense_heads, dense_rows)
         wanted[(name, "timed")] = (backend, config)
         if references and name != EXACT_STUDENT:
             wanted[(name, "reference")] = ("eager", config)

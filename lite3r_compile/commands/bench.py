@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-frames-chunk", type=int, default=None, metavar="N",
                         help="the timed students' chunked heads (VGGT's DPT heads, 8 upstream) run N frames at a time "
                              "(LiteConfig.head_frames_chunk): less memory, the same outputs")
+    parser.add_argument("--dense-special-rows", action="store_true",
+                        help="the SLA students give each frame's camera and register tokens exact attention "
+                             "(SLAConfig.dense_rows; VGGT-style models)")
     parser.add_argument("--student-backend", default=None, choices=("fp8", "inductor", "eager"),
                         help="build every student with this lite() backend (default fp8; eager runs them uncompiled, for CPU tests)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
                                 bf16_dense_heads=args.bf16_dense_heads,
                                 regional_compile=args.compile_scope == "blocks", cuda_graphs=args.cuda_graphs,
                                 inductor_multi_kernel=args.inductor_multi_kernel, bf16_all_heads=args.bf16_all_heads,
-                                head_frames_chunk=args.head_frames_chunk),
+                                head_frames_chunk=args.head_frames_chunk, dense_special_rows=args.dense_special_rows),
         compile_backend=args.compile_backend, breakdown_frames=tuple(args.breakdown_frames),
         correctness=not args.no_correctness, exact_check=not args.no_exact_check, gemm=not args.no_gemm,
         image_size=args.image_size, target_s=args.target_s, min_iters=args.min_iters, max_iters=args.max_iters,
