@@ -61,6 +61,7 @@ from torch import nn
 
 from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
 from lite3r_compile.backends.deploy import deploy
+from lite3r_compile.bench.variants import special_token_rows
 from lite3r_compile.distill.evaluate import evaluate
 from lite3r_compile.distill.synthetic import RenderedScenes
 from lite3r_compile.distill.trainer import DistillConfig, distill
@@ -104,23 +105,27 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
              long_steps: int = 0, full_finetune: bool = False,
              dense_rows: tuple[int, int] | None = None) -> list[Variant]:
     no_fp8 = FP8Config(enabled=False)
+
+    def sla_at(topk: float) -> SLAConfig:
+        return SLAConfig(topk=topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
+
     out = [Variant("teacher", None, False, "teacher"),
            Variant("fp8", LiteConfig(sla_scopes=(), fp8=FP8Config()), False, "fp8")]
     for topk in topks:
-        sla = SLAConfig(topk=topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
+        sla = sla_at(topk)
         for name, fp8 in ((f"sla@{topk}", no_fp8), (f"sla+fp8@{topk}", FP8Config())):
             config = LiteConfig(sla=sla, fp8=fp8, sla_scopes=scopes)
             out.append(Variant(name, config, False, name))
             out.append(Variant(name + "+distill", config, True, name,
                                log_drift=name + "+distill" == main_variant_name(main_topk)))
     if keep and sensitivity:
-        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
+        sla = sla_at(main_topk)
         least = sorted(sensitivity, key=lambda b: b.relative_change)[:keep]
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} most sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(keep_high_precision=keep), sla_scopes=scopes), True, f"keep{keep}"))
         out.append(Variant(f"sla+fp8@{main_topk}+distill, {keep} least sensitive blocks high precision",
                            LiteConfig(sla=sla, fp8=FP8Config(exclude=block_globs(least)), sla_scopes=scopes), True, f"keep{keep}"))
-    sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
+    sla = sla_at(main_topk)
     out.append(Variant("bf16 dense heads", LiteConfig(sla_scopes=(), fp8=no_fp8, bf16_heads=DENSE_HEADS), False,
                        "bf16 dense heads", deployed=True))
     out.append(Variant("bf16 heads, camera head too", LiteConfig(sla_scopes=(), fp8=no_fp8, bf16_heads=("*",)), False,
@@ -129,12 +134,12 @@ def variants(topks: list[float], keep: int, sensitivity: list, main_topk: float,
                        LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes, bf16_heads=DENSE_HEADS), True,
                        f"sla+fp8@{main_topk}, bf16 dense heads", deployed=True))
     if long_steps:
-        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
+        sla = sla_at(main_topk)
         out.append(Variant(f"{main_variant_name(main_topk)}, {long_steps} steps",
                            LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes), True,
                            f"sla+fp8@{main_topk}", steps=long_steps, log_drift=True))
     if full_finetune:
-        sla = SLAConfig(topk=main_topk, block_q=blocks[0], block_k=blocks[1], dense_rows=dense_rows)
+        sla = sla_at(main_topk)
         out.append(Variant(f"sla+fp8@{main_topk}+full fine-tuning", LiteConfig(sla=sla, fp8=FP8Config(), sla_scopes=scopes),
                            True, f"sla+fp8@{main_topk}", trainable="all"))
     return out
@@ -304,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     sensitivity = fp8_sensitivity(teacher, (example,)) if args.keep else []
     if args.keep > len(sensitivity):
         args.keep = 0
-    dense_rows = None
-    if args.dense_special_rows:
-        # VGGT: each frame's camera and register tokens, then its patch grid
-        special = teacher.aggregator.patch_start_idx
-        dense_rows = (special + (size // teacher.aggregator.patch_size) ** 2, special)
+    dense_rows = special_token_rows(teacher, example) if args.dense_special_rows else None
     main_name = main_variant_name(args.main_topk)
     rows, drift, speeds = [], {}, {}
     log_dir = Path(tempfile.mkdtemp(prefix="lite3r-quality-logs-"))

@@ -35,6 +35,7 @@ from typing import Iterator
 import torch
 
 from lite3r_compile import FP8Config, LiteConfig, SLAConfig, lite
+from lite3r_compile.bench.variants import special_token_rows
 from lite3r_compile.sla import reference
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher.eval()
     sampling = tt.SceneSampling(**record["sampling"])
     batches = tt.heldout_batches(args.eval_scenes, sampling, device=args.device)
-    special = teacher.aggregator.patch_start_idx
-    tokens_per_frame = special + (sampling.image_size // teacher.aggregator.patch_size) ** 2
+    tokens_per_frame, special = special_token_rows(teacher, batches[0]["images"])
     config = LiteConfig(sla=SLAConfig(topk=args.topk, block_q=args.block, block_k=args.block),
                         fp8=FP8Config(enabled=True), sla_scopes=("global",))
     with warnings.catch_warnings():

@@ -74,8 +74,8 @@ def special_token_rows(model: nn.Module, images: Tensor) -> tuple[int, int]:
     aggregator = getattr(model, "aggregator", None)
     if aggregator is None or not hasattr(aggregator, "patch_start_idx") or not hasattr(aggregator, "patch_size"):
         raise ValueError(
-            f"lite3r bench --dense-special-rows: {type(model).__name__} has no VGGT-style aggregator "
-            "(patch_start_idx special tokens before each frame's patches); run it without the flag"
+            f"special tokens' dense rows (--dense-special-rows): {type(model).__name__} has no VGGT-style "
+            "aggregator (patch_start_idx special tokens before each frame's patches); run it without them"
         )
     height, width = images.shape[-2:]
     patch = aggregator.patch_size

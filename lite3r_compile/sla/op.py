@@ -221,7 +221,8 @@ def sla_attention(
     if config.dense_rows is not None:
         rows = dense_row_index(q.shape[2], *config.dense_rows, device=q.device)
         exact = dense_attention(q.index_select(2, rows), k, v, proj_weight, proj_bias, scale)
-        o = o.index_copy(2, rows, exact)
+        # in place unless autograd needs o as the op returned it (the op saves it for backward)
+        o = o.index_copy(2, rows, exact) if save_for_backward else o.index_copy_(2, rows, exact)
     return o
 
 
