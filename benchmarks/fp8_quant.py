@@ -21,7 +21,13 @@ copy bandwidth:
 
 and, for each, whether its e4m3 bytes and scales equal the eager reference's.
 
-    python benchmarks/fp8_quant.py --frames 8 32 --out benchmarks/results
+``--layernorm`` does the same for a block's LayerNorm + rowwise quantization (x (M, 1024) bf16,
+the input of qkv and fc1): ``ln_inductor`` (compiled ``quantize_to_e4m3(F.layer_norm(x))``)
+against ``ln_triton_rows`` (``lite3r::layernorm_quant_rowwise``,
+:mod:`lite3r_compile.backends.layernorm_quant`) at its default tile and at the other tiles of a
+small sweep (``ln_triton_r{rows}w{warps}``).
+
+    python benchmarks/fp8_quant.py --frames 8 32 --layernorm --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ import torch.nn.functional as F
 
 from lite3r_compile.backends.fp8_linear import quantize_to_e4m3
 from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise
+from lite3r_compile.backends.layernorm_quant import layernorm_quant_rowwise, layernorm_quantize_triton
 
 from fp8_linear import bench  # the sibling script: do_bench's median, the same warm-up
 
 HIDDEN = 4096
+WIDTH = 1024  # VGGT-1B's embedding width: the LayerNorms' rows
+LN_TILES = [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8)]  # (rows, warps) of the sweep
 TOKENS_PER_FRAME = 1374
 
 
@@ -54,10 +63,37 @@ def agreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, 
     return {"q_equal": equal, "scale_rel_err": ((s - want[1]).abs() / want[1]).max().item()}
 
 
+def layernorm_rows(frames: int, copy_tbs: float) -> list[dict]:
+    """The LayerNorm + quantization candidates at M = frames * 1374, N = 1024, bf16."""
+    M = frames * TOKENS_PER_FRAME
+    x = torch.randn(M, WIDTH, device="cuda", dtype=torch.bfloat16) * 2 + 0.5
+    weight = (1 + 0.3 * torch.randn(WIDTH, device="cuda")).to(torch.bfloat16)
+    bias = (0.3 * torch.randn(WIDTH, device="cuda")).to(torch.bfloat16)
+
+    def eager(t):
+        return quantize_to_e4m3(F.layer_norm(t, (WIDTH,), weight, bias, 1e-6), rowwise=True)
+
+    want = eager(x)
+    floor_bytes = x.numel() * 3 + M * 4
+    torch._dynamo.reset()
+    candidates = {"ln_inductor": torch.compile(eager), "ln_triton_rows": lambda t: layernorm_quant_rowwise(t, weight, bias, 1e-6)}
+    for r, w in LN_TILES:
+        candidates[f"ln_triton_r{r}w{w}"] = lambda t, r=r, w=w: layernorm_quantize_triton(t, weight, bias, 1e-6, rows=r, num_warps=w)
+    out_rows = []
+    for name, fn in candidates.items():
+        out = fn(x)
+        ms = bench(lambda: fn(x))
+        out_rows.append({"frames": frames, "M": M, "N": WIDTH, "variant": name, "ms": ms,
+                         "tb_per_s": floor_bytes / ms / 1e9, "floor_ms": floor_bytes / copy_tbs / 1e9,
+                         "copy_tb_per_s": copy_tbs, **agreement(out, want)})
+    return out_rows
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--layernorm", action="store_true", help="also LayerNorm + quantization at width 1024")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -88,6 +124,8 @@ def main() -> None:
             if name != "gelu":
                 row.update(agreement(out, want))
             rows.append(row)
+        if args.layernorm:
+            rows += layernorm_rows(frames, copy_tbs)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
     (out_dir / "fp8_quant.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(meta)

@@ -19,7 +19,9 @@
 # host-bound case where the eager glue between compiled blocks is what is left to remove.
 #
 # `quality` studies the teacher in benchmarks/assets (the committed one, trained on a CPU at
-# 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224).
+# 112x112, unless a `teacher` stage of the same call replaced it with a GPU-trained one at 224),
+# with $QUALITY_FLAGS passed on (e.g. --teacher ... --dense-special-rows --only ...); it starts no
+# new variant in its last two minutes, so the table it has is written.
 #
 # Triton compiles and autotunes every kernel shape on its first call (benchmarks/NOTES.md, cold
 # start: 14-30 s a shape). The cache lives in ./.triton_cache (git-ignored) and is packed into
@@ -48,7 +50,7 @@ stage() {
     tests) python -m pytest -m gpu -q -n 4 -p no:cacheprovider tests ;;
     overhead) python benchmarks/compile_overhead.py --out "$dir" ;;
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
-    quant) python benchmarks/fp8_quant.py --frames 8 32 --out "$dir" ;;
+    quant) python benchmarks/fp8_quant.py --frames 8 32 --layernorm --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
         --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
     # then the Triton source of the hottest Inductor kernels, to read after the machine is gone
@@ -63,7 +65,8 @@ stage() {
         --compile-scope model --bf16-dense-heads ${E2E_FLAGS:-} --breakdown-frames 1 --no-exact-check \
         --time-budget-s $((limit - 60)) --name e2e_whole1 --out "$dir" ;;
     teacher) python benchmarks/train_teacher.py --minutes 8 ${TEACHER_FLAGS:-} --out "$dir" ;;
-    quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 --out "$dir" ;;
+    quality) python benchmarks/quality.py --block-q 32 --block-k 32 --long-steps 800 ${QUALITY_FLAGS:-} \
+        --time-budget-s $((limit - 120)) --out "$dir" ;;
     *) echo "gpu_session: unknown stage '$name' (known: ${!LIMIT[*]})" >&2; return 2 ;;
     esac
 }

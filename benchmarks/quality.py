@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-backend", choices=("fp8", "inductor", "eager"), default="fp8")
     parser.add_argument("--workers", type=int, default=8, help="processes that render the scenes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="start no new variant after this many seconds; the result lists those left out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
@@ -311,13 +313,18 @@ def main(argv: list[str] | None = None) -> int:
         args.keep = 0
     dense_rows = special_token_rows(teacher, example) if args.dense_special_rows else None
     main_name = main_variant_name(args.main_topk)
-    rows, drift, speeds = [], {}, {}
+    rows, drift, speeds, left_out = [], {}, {}, []
+    started = time.perf_counter()
     log_dir = Path(tempfile.mkdtemp(prefix="lite3r-quality-logs-"))
     for variant in variants(args.topk, args.keep, sensitivity, args.main_topk, tuple(args.sla_scopes),
                             (args.block_q, args.block_k), args.long_steps, args.full_finetune, dense_rows):
         if args.only is not None and variant.config is not None and not any(fnmatch(variant.name, g) for g in args.only):
             continue
         t0 = time.perf_counter()
+        if args.time_budget_s is not None and t0 - started > args.time_budget_s:
+            left_out.append(variant.name)
+            print(f"{variant.name}: left out, past the {args.time_budget_s:.0f} s budget", flush=True)
+            continue
         log_file = log_dir / f"{len(rows)}.jsonl" if variant.log_drift else None
         if variant.config is None:
             model, train_record = teacher, {}
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows, "sensitivity": [dataclasses.asdict(b) for b in sensitivity],
         "drift": {name: [{"step": d["step"], "proj_l_drift": d["proj_l_drift"], "proj_l_norm": d.get("proj_l_norm")}
                          for d in log] for name, log in drift.items()},
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds": round(time.perf_counter() - t_start, 1), "left_out_for_time": left_out,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, args.latency_frames if device.type == "cuda" else [])

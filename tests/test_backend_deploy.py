@@ -141,11 +141,19 @@ def test_fp8_lowering_stores_float8_weights_and_computes_what_the_student_comput
         assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.element_size() == 1
         assert layer.weight_scale.shape == (layer.out_features, 1)  # rowwise, the default
     assert isinstance(modules["head"], nn.Linear) and not isinstance(modules["head"], Float8Linear)
+    # every block's LayerNorm runs inside the quantization of the layer it feeds
+    assert deployed.record.layernorm_fused == [
+        (f"{block}.norm{i}", f"{block}.{layer}") for block in ("frame_block", "global_block")
+        for i, layer in ((1, "attn.qkv"), (2, "mlp.0"))]
+    assert deployed.record.layernorm_kept == []
+    moved = {f"{layer}.input_norm.": f"{norm}." for norm, layer in deployed.record.layernorm_fused}
     # everything but the float8 layers shares the student's storage (no second copy)
     student_params = dict(student.named_parameters())
     for name, p in deployed.module.named_parameters():
         assert not p.requires_grad
-        assert p.data_ptr() == student_params[name].data_ptr(), name
+        prefix = next((k for k in moved if name.startswith(k)), None)
+        source = name if prefix is None else moved[prefix] + name[len(prefix):]
+        assert p.data_ptr() == student_params[source].data_ptr(), name
     x = tokens(2)
     with torch.no_grad():
         out = deployed(x)

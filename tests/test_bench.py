@@ -132,6 +132,10 @@ def test_float32_heads_behind_a_bf16_backbone():
     ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128", "linear"),
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwc", "conv"),
     ("triton_red_fused__to_copy_abs_amax_clamp_div_native_layer_norm_3", "quantization"),
+    # Inductor names the fused LayerNorm + absmax kernel after the _scaled_mm it feeds too
+    ("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_native_layer_norm_t_view_0", "quantization"),
+    ("layernorm_quant_rows", "quantization"),
+    ("gelu_quant_rows", "quantization"),
     ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda, c10::Float8_e4m3fn>", "quantization"),
     ("triton_per_fused_native_layer_norm_7", "norm_elementwise"),
     ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "norm_elementwise"),

@@ -368,6 +368,17 @@ def test_position_getter_grid_order():
     assert pos[0].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
 
 
+def test_position_getter_caches_nothing_made_inside_a_compiled_graph():
+    # such a tensor is a graph output; under CUDA graphs the next replay overwrites it (session
+    # 9: whole-model reduce-overhead VGGT-1B failed on its second call)
+    getter = PositionGetter()
+    compiled = torch.compile(lambda: getter(2, 2, 3, device="cpu"), backend="eager", fullgraph=True)
+    assert compiled()[0].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert getter.position_cache == {}
+    getter(2, 2, 3, device="cpu")
+    assert list(getter.position_cache) == [(2, 3, torch.device("cpu"))]
+
+
 def test_dinov2_position_table_interpolation():
     dino = DinoVisionTransformer(DinoV2Config(img_size=28, embed_dim=16, depth=1, num_heads=2, num_register_tokens=2))
     same = dino.interpolate_pos_encoding(torch.zeros(1, 1 + 4, 16), 28, 28)

@@ -12,7 +12,9 @@
   quantization is plain tensor ops, so Inductor fuses it into the kernel producing the input
   (LayerNorm, residual add). An MLP's GELU is folded into its second layer, whose quantization
   kernel computes it (:mod:`lite3r_compile.backends.fuse_gelu`: Inductor's fused GELU + rowwise
-  reduction over 4096-wide rows runs at a third of the bandwidth). Weight-only fake-quant layers
+  reduction over 4096-wide rows runs at a third of the bandwidth), and a block's LayerNorm into
+  the layer it feeds (``qkv``, ``fc1``; :mod:`lite3r_compile.backends.fuse_layernorm`: Inductor's
+  norm + amax reads the row three times). Weight-only fake-quant layers
   stay fake-quant (an FP8 GEMM needs FP8 inputs); the record lists them with the reason;
 - ``backend="inductor"``: the same without FP8 lowering: fake-quant layers keep the arithmetic the
   student was trained with (e4m3 rounding, high-precision GEMMs), fused by Inductor;
@@ -48,6 +50,7 @@ from torch.utils._pytree import tree_map_only
 
 from lite3r_compile.backends.fp8_linear import Float8Linear, has_fp8_gemm
 from lite3r_compile.backends.fuse_gelu import fuse_gelu_quantization
+from lite3r_compile.backends.fuse_layernorm import fuse_layernorm_quantization
 from lite3r_compile.backends.head_precision import lower_head_precision
 from lite3r_compile.backends.module_watch import ModuleState, ModuleWatch
 from lite3r_compile.passes.fp8_qat import FP8FakeQuantLinear
@@ -71,7 +74,10 @@ class DeployRecord:
     ``multi_kernel``: Inductor's multi-kernel reductions are on (``LiteConfig.inductor_multi_kernel``);
     ``gelu_fused``: GELU modules folded into the FP8 quantization of the layer after them, and
     ``gelu_kept``: (path, why) of those left as they are
-    (:func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`); ``head_frames_chunk``:
+    (:func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`); ``layernorm_fused``:
+    (norm, layer) of the LayerNorms moved into the FP8 layer they feed, ``layernorm_kept``: (path,
+    why) of those left as they are
+    (:func:`~lite3r_compile.backends.fuse_layernorm.fuse_layernorm_quantization`); ``head_frames_chunk``:
     heads whose frame chunk ``LiteConfig.head_frames_chunk`` set."""
 
     backend: str
@@ -86,6 +92,8 @@ class DeployRecord:
     multi_kernel: bool = False
     gelu_fused: list[str] = field(default_factory=list)
     gelu_kept: list[tuple[str, str]] = field(default_factory=list)
+    layernorm_fused: list[tuple[str, str]] = field(default_factory=list)
+    layernorm_kept: list[tuple[str, str]] = field(default_factory=list)
     head_frames_chunk: list[str] = field(default_factory=list)
 
 
@@ -267,6 +275,10 @@ def deploy(
     if lite_record is not None and lite_record.config.bf16_heads:
         record.bf16_heads, record.heads_kept, casts = lower_head_precision(
             module, student, lite_record.config.bf16_heads, torch.bfloat16)
+    if backend == "fp8":
+        # after the heads' casts: a norm moved into a Float8Linear would keep its precision there
+        norms = fuse_layernorm_quantization(module)
+        record.layernorm_fused, record.layernorm_kept = norms.fused, norms.kept
     if lite_record is not None and lite_record.config.head_frames_chunk is not None:
         record.head_frames_chunk = set_head_frames_chunk(module, lite_record.config.head_frames_chunk)
     record.cuda_graphs = cuda_graphs and compile

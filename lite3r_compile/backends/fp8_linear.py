@@ -13,7 +13,10 @@ under ``torch.compile`` Inductor fuses it into the kernel that produces ``x`` (L
 residual add) instead of spending a separate pass over memory. The exception is an MLP's
 second layer, whose input is a GELU over a row too wide for Inductor's fused reduction to run at
 bandwidth: there the layer takes the GELU's input and quantizes it through one hand-written
-kernel (``input_gelu``; :mod:`lite3r_compile.backends.gelu_quant`).
+kernel (``input_gelu``; :mod:`lite3r_compile.backends.gelu_quant`). Likewise a block's
+LayerNorm before qkv or fc1, which Inductor fuses as a looped reduction reading the row three
+times: the layer takes the norm's input and runs norm and quantization in one kernel
+(``input_norm``; :mod:`lite3r_compile.backends.layernorm_quant`).
 
 The rounding is :mod:`lite3r_compile.passes.fp8_qat`'s, bit for bit: the deployed student computes
 what the fake-quant student was trained to compute.
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise
+from lite3r_compile.backends.layernorm_quant import layernorm_quant_rowwise
 from lite3r_compile.passes.fp8_qat import E4M3, E4M3_MAX, FP8FakeQuantLinear, e4m3_scale
 
 GRANULARITIES = ("rowwise", "tensorwise")
@@ -49,22 +53,33 @@ def quantize_to_e4m3(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
 
 def float8_linear(
     x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, granularity: str,
-    input_gelu: bool = False,
+    input_gelu: bool = False, input_norm: tuple[Tensor | None, Tensor | None, float] | None = None,
 ) -> Tensor:
     """``x (..., in) -> (..., out)`` with ``x`` quantized on the fly and a pre-quantized weight:
     ``weight`` (out, in) float8 e4m3, ``weight_scale`` (out, 1) rowwise or () tensorwise, ``bias``
     (out,) or None. Real FP8 GEMM where :func:`has_fp8_gemm`, float32 emulation of the same
-    rounded operands elsewhere; the output has ``x``'s dtype. ``input_gelu`` (rowwise only): the
-    layer computes ``gelu(x)`` first, fused into the quantization (``lite3r::gelu_quant_rowwise``)."""
+    rounded operands elsewhere; the output has ``x``'s dtype. Rowwise only, the layer first
+    computes ``gelu(x)`` (``input_gelu``) or ``F.layer_norm(x, (in,), w, b, eps)`` (``input_norm
+    = (w, b, eps)``), fused into the quantization (``lite3r::gelu_quant_rowwise``,
+    ``lite3r::layernorm_quant_rowwise``); under autocast the norm runs unfused, in the dtype
+    autocast gives it."""
     in_features, out_features = weight.shape[1], weight.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(f"float8_linear: input has {x.shape[-1]} features, expected {in_features}")
     rowwise = granularity == "rowwise"
     lead = x.shape[:-1]
+    if input_norm is not None and torch.is_autocast_enabled(x.device.type):
+        # autocast picks layer_norm's dtype (float32 on CUDA, not on a CPU): let it, unfused
+        x, input_norm = F.layer_norm(x, (in_features,), *input_norm), None
+        lead = x.shape[:-1]
+    if (input_gelu or input_norm is not None) and not rowwise:
+        raise ValueError("float8_linear: input_gelu and input_norm need rowwise granularity")
+    if input_gelu and input_norm is not None:
+        raise ValueError("float8_linear: input_gelu and input_norm are exclusive (one producer fuses)")
     if input_gelu:
-        if not rowwise:
-            raise ValueError("float8_linear: input_gelu needs rowwise granularity")
         x_q, x_scale = gelu_quant_rowwise(x.reshape(-1, in_features))
+    elif input_norm is not None:
+        x_q, x_scale = layernorm_quant_rowwise(x.reshape(-1, in_features), *input_norm)
     else:
         x_q, x_scale = quantize_to_e4m3(x.reshape(-1, in_features), rowwise)
     if has_fp8_gemm(x.device) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -115,6 +130,9 @@ class Float8Linear(nn.Module):
         self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
         # set by :func:`~lite3r_compile.backends.fuse_gelu.fuse_gelu_quantization`
         self.input_gelu = False
+        # set by :func:`~lite3r_compile.backends.fuse_layernorm.fuse_layernorm_quantization`: the
+        # nn.LayerNorm that ran before this layer, now run inside its quantization
+        self.input_norm: nn.LayerNorm | None = None
         scale_shape = (out_features, 1) if granularity == "rowwise" else ()
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
@@ -157,8 +175,10 @@ class Float8Linear(nn.Module):
         return cls.from_linear(fq, granularity=fq.granularity, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return float8_linear(x, self.weight, self.weight_scale, self.bias, self.granularity, self.input_gelu)
+        norm = self.input_norm
+        return float8_linear(x, self.weight, self.weight_scale, self.bias, self.granularity, self.input_gelu,
+                             None if norm is None else (norm.weight, norm.bias, norm.eps))
 
     def extra_repr(self) -> str:
-        gelu = ", gelu(input) fused" if self.input_gelu else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 {self.granularity}{gelu}"
+        fused = ", gelu(input) fused" if self.input_gelu else ", layer_norm(input) fused" if self.input_norm is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 {self.granularity}{fused}"

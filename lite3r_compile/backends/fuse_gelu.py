@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from lite3r_compile.backends.fp8_linear import Float8Linear
 
-_PASS_THROUGH = (nn.Dropout, nn.Identity)
+PASS_THROUGH = (nn.Dropout, nn.Identity)
 
 
 @dataclass
@@ -32,14 +32,14 @@ class GeluFusion:
     kept: list[tuple[str, str]] = field(default_factory=list)
 
 
-class _ChildrenAsLeaves(fx.Tracer):
+class ChildrenAsLeaves(fx.Tracer):
     """Traces a module's own forward only: every submodule call is one node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
 
 
-def _consumer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str]:
+def single_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str]:
     """The one ``call_module`` node that consumes ``node``'s value, past pass-through modules,
     or None with the reason."""
     while True:
@@ -49,7 +49,7 @@ def _consumer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | N
         if user.op != "call_module" or len(user.all_input_nodes) != 1:
             return None, f"its output goes into {user.op} {user.target}"
         module = modules[user.target]
-        if isinstance(module, _PASS_THROUGH):
+        if isinstance(module, PASS_THROUGH):
             node = user
             continue
         return user, ""
@@ -66,7 +66,7 @@ def fuse_gelu_quantization(module: nn.Module) -> GeluFusion:
             continue
         where = f"{parent_path}." if parent_path else ""
         try:
-            graph = _ChildrenAsLeaves().trace(parent)
+            graph = ChildrenAsLeaves().trace(parent)
         except Exception as err:  # noqa: BLE001 - any trace failure leaves the module as it is
             result.kept += [(where + n, f"{type(parent).__name__} does not trace with torch.fx: "
                              f"{type(err).__name__}") for n in sorted(gelus)]
@@ -84,7 +84,7 @@ def fuse_gelu_quantization(module: nn.Module) -> GeluFusion:
             if len(nodes) != 1:
                 result.kept.append((path, f"called {len(nodes)} times in {type(parent).__name__}.forward"))
                 continue
-            consumer, why = _consumer(nodes[0], modules)
+            consumer, why = single_consumer(nodes[0], modules)
             layer = modules.get(consumer.target) if consumer is not None else None
             if not isinstance(layer, Float8Linear) or layer.granularity != "rowwise" or layer.input_gelu:
                 result.kept.append((path, why or f"its output goes into {type(layer).__name__} {consumer.target}, "
@@ -96,4 +96,4 @@ def fuse_gelu_quantization(module: nn.Module) -> GeluFusion:
     return result
 
 
-__all__ = ["GeluFusion", "fuse_gelu_quantization"]
+__all__ = ["ChildrenAsLeaves", "GeluFusion", "PASS_THROUGH", "fuse_gelu_quantization", "single_consumer"]

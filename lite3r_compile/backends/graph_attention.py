@@ -118,9 +118,10 @@ def rewrite_dynamo_attention(gm: fx.GraphModule, config: SLAConfig) -> list[Grap
 
 def training_free_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                       topk: float, negligible: float, block_q: int, block_k: int,
-                      feature_map: str) -> torch.Tensor:
+                      feature_map: str, dense_rows: tuple[int, int] | None = None) -> torch.Tensor:
     """``SparseLinearAttention`` with a zero ``proj_l``, as a function: q (B, H, Nq, D), k and v
-    (B, H, Nk, D) -> (B, H, Nq, D), in the dtype SparseLinearAttention would use."""
+    (B, H, Nk, D) -> (B, H, Nq, D), in the dtype SparseLinearAttention would use;
+    ``dense_rows`` as :attr:`SLAConfig.dense_rows`."""
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -130,7 +131,7 @@ def training_free_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     proj_weight = q.new_zeros((head_dim, head_dim), dtype=torch.float32)
     proj_bias = q.new_zeros((head_dim,), dtype=torch.float32)
     config = SLAConfig(topk=topk, negligible=negligible, block_q=block_q, block_k=block_k,
-                       feature_map=feature_map)
+                       feature_map=feature_map, dense_rows=dense_rows)
     return sla_attention(q.to(dtype), k.to(dtype), v.to(dtype), proj_weight, proj_bias, scale, config)
 
 
@@ -151,7 +152,7 @@ def _inline_sla_modules(gm: fx.GraphModule) -> None:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 training_free_sla,
-                (q, k, v, scale, c.topk, c.negligible, c.block_q, c.block_k, c.feature_map),
+                (q, k, v, scale, c.topk, c.negligible, c.block_q, c.block_k, c.feature_map, c.dense_rows),
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)

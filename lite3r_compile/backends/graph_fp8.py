@@ -5,8 +5,9 @@ attribute, 2-D, both dims multiples of ``FP8Config.multiple_of``) becomes
 :func:`dynamic_float8_linear`: the weight and the input are quantized to e4m3 with absmax scales
 (rowwise or tensorwise) at every call, then multiplied by ``torch._scaled_mm`` (or emulated where
 the device has no FP8 GEMMs). The quantization is plain tensor ops, so Inductor fuses the input's
-into the kernel that produces it (an exact GELU feeding a rowwise layer alone is folded into the
-layer's own quantization kernel instead, as the deployed student does), and the weight's is one pass over the weight (small against
+into the kernel that produces it (an exact GELU or a LayerNorm over the features feeding a
+rowwise layer alone is folded into the layer's own quantization kernel instead, as the deployed
+student does), and the weight's is one pass over the weight (small against
 the GEMM at 3D-reconstruction token counts); reading the weight at each call keeps the compiled
 model in step with later changes of its parameters.
 
@@ -36,15 +37,20 @@ LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 
 
 GELU_FUNCTIONS = {F.gelu, torch._C._nn.gelu}
+LAYER_NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm}
 
 
 def dynamic_float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, granularity: str,
-                          input_gelu: bool = False) -> Tensor:
+                          input_gelu: bool = False, norm_weight: Tensor | None = None,
+                          norm_bias: Tensor | None = None, norm_eps: float | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` with both operands quantized to e4m3 on the fly; output in
     ``x``'s dtype. Shapes: x (..., in), weight (out, in), bias (out,). ``input_gelu``: the input
-    is ``gelu(x)``, computed inside the quantization (``float8_linear``'s)."""
+    is ``gelu(x)``; ``norm_eps`` (with the optional ``norm_weight``, ``norm_bias``): the input is
+    ``F.layer_norm(x, (in,), norm_weight, norm_bias, norm_eps)``; either is computed inside the
+    quantization (``float8_linear``'s)."""
     weight_q, weight_scale = quantize_to_e4m3(weight, granularity == "rowwise")
-    return float8_linear(x, weight_q, weight_scale, bias, granularity, input_gelu)
+    norm = None if norm_eps is None else (norm_weight, norm_bias, norm_eps)
+    return float8_linear(x, weight_q, weight_scale, bias, granularity, input_gelu, norm)
 
 
 def _gelu_input(node: object) -> fx.Node | None:
@@ -56,10 +62,26 @@ def _gelu_input(node: object) -> fx.Node | None:
     return node.args[0] if approximate == "none" and len(node.users) == 1 else None
 
 
+def _layer_norm_input(node: object, in_features: int) -> tuple[object, object, object, float] | None:
+    """``(input, weight, bias, eps)`` of ``node`` when it is a LayerNorm over the last
+    ``in_features`` whose only use is the Linear being lowered, else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in LAYER_NORM_FUNCTIONS:
+        return None
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    shape = args.get("normalized_shape")
+    shape = tuple(shape) if isinstance(shape, (list, tuple)) else (shape,)
+    eps = args.get("eps", 1e-5)
+    if len(node.users) != 1 or shape != (in_features,) or not isinstance(eps, float):
+        return None
+    return args["input"], args.get("weight"), args.get("bias"), eps
+
+
 @dataclass(frozen=True)
 class GraphLinear:
     """One Linear call of a Dynamo graph and whether it was quantized (``reason``: why not, or
-    the rule that chose it); ``gelu_fused``: the GELU before it was folded into its quantization."""
+    the rule that chose it); ``gelu_fused`` / ``norm_fused``: the GELU / LayerNorm before it
+    was folded into its quantization."""
 
     path: str
     in_features: int | None
@@ -67,6 +89,7 @@ class GraphLinear:
     quantized: bool
     reason: str
     gelu_fused: bool = False
+    norm_fused: bool = False
 
 
 def _parameter(node: object, gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> Tensor | None:
@@ -192,18 +215,25 @@ def quantize_dynamo_linears(gm: fx.GraphModule, example_inputs: list, config: FP
         path = name.rpartition(".")[0] if name is not None else module_path(node)
         out_features, in_features = weight.shape if weight.dim() == 2 else (None, None)
         quantized, reason = _decide(path, weight, config, blocks) if config.enabled else (False, "FP8 off")
-        gelu_input = _gelu_input(x) if quantized and config.granularity == "rowwise" else None
-        found.append(GraphLinear(path, in_features, out_features, quantized, reason, gelu_input is not None))
+        fusable = quantized and config.granularity == "rowwise"
+        gelu_input = _gelu_input(x) if fusable else None
+        norm = _layer_norm_input(x, in_features) if fusable and gelu_input is None else None
+        found.append(GraphLinear(path, in_features, out_features, quantized, reason, gelu_input is not None,
+                                 norm is not None))
         if not quantized:
             continue
-        args = (x, weight_node, bias, config.granularity) if gelu_input is None else \
-            (gelu_input, weight_node, bias, config.granularity, True)
+        if gelu_input is not None:
+            args = (gelu_input, weight_node, bias, config.granularity, True)
+        elif norm is not None:
+            args = (norm[0], weight_node, bias, config.granularity, False, *norm[1:])
+        else:
+            args = (x, weight_node, bias, config.granularity)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(dynamic_float8_linear, args)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        if gelu_input is not None:
+        if gelu_input is not None or norm is not None:
             gm.graph.erase_node(x)  # its one use was the Linear
     gm.graph.lint()
     gm.recompile()

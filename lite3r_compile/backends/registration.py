@@ -15,7 +15,9 @@ import of lite3r_compile. For each graph Dynamo captures it
 4. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
 
 Options (``torch.compile(model, backend="lite3r", options={...})``): ``topk``, ``negligible``,
-``block_q``, ``block_k``, ``feature_map`` (:class:`~lite3r_compile.sla.config.SLAConfig`),
+``block_q``, ``block_k``, ``feature_map``, ``dense_rows`` (``(period, count)``: exact attention
+for the query rows ``i % period < count``, VGGT's camera and register tokens; see
+:class:`~lite3r_compile.sla.config.SLAConfig`),
 ``sla`` (rewrite attention, default True), ``fp8`` (default True), ``granularity``
 (``"rowwise"``/``"tensorwise"``), ``fp8_exclude`` (module-path globs kept high precision),
 ``fold_constants`` (step 3, default True), ``compiler`` (``"inductor"``/``"eager"``),
@@ -70,6 +72,7 @@ class CompileOptions:
     block_q: int = SLAConfig.block_q
     block_k: int = SLAConfig.block_k
     feature_map: str = SLAConfig.feature_map
+    dense_rows: tuple[int, int] | None = None
     sla: bool = True
     fp8: bool = True
     granularity: str = "rowwise"
@@ -102,7 +105,7 @@ class CompileOptions:
 
     def sla_config(self) -> SLAConfig:
         return SLAConfig(topk=self.topk, negligible=self.negligible, block_q=self.block_q,
-                         block_k=self.block_k, feature_map=self.feature_map)
+                         block_k=self.block_k, feature_map=self.feature_map, dense_rows=self.dense_rows)
 
     def fp8_config(self) -> FP8Config:
         return FP8Config(enabled=self.fp8, granularity=self.granularity, exclude=self.fp8_exclude)
@@ -154,6 +157,13 @@ def _graph_device(example_inputs: list) -> torch.device:
         if isinstance(value, torch.Tensor):
             return value.device
     return torch.device("cpu")
+
+
+def _one_line(reason: str, limit: int = 600) -> str:
+    """Dynamo's multi-line reason (torch >= 2.10: a title, then the explanation, the operator and
+    its argument types, hints) as one line: the title alone names no operator."""
+    text = " | ".join(line.strip() for line in reason.splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _new_graph_breaks() -> list[str]:
@@ -231,7 +241,7 @@ def lite3r_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[st
     for reason in report.graph_breaks:
         warnings.warn(
             f"lite3r backend: Dynamo graph break (the model runs as several compiled graphs with "
-            f"Python in between): {reason.splitlines()[0]}",
+            f"Python in between): {_one_line(reason)}",
             GraphBreakWarning,
             stacklevel=2,
         )

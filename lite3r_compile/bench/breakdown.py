@@ -54,6 +54,10 @@ def classify(name: str) -> str:
         return "attention"
     if any(p in low for p in _CONV) and "triton" not in low:
         return "conv"
+    # an Inductor kernel's name lists the ops fused into it: a LayerNorm + absmax kernel that
+    # feeds _scaled_mm carries "_scaled_mm" in its name, and is quantization, not a GEMM
+    if low.startswith(("triton_poi", "triton_red", "triton_per")) and any(p in low for p in _QUANT):
+        return "quantization"
     if any(p in low for p in _LINEAR):
         return "linear"
     if any(p in low for p in _QUANT):

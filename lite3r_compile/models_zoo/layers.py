@@ -88,11 +88,13 @@ class PositionGetter:
 
     def __call__(self, batch_size: int, height: int, width: int, device: torch.device) -> Tensor:
         key = (height, width, torch.device(device))
-        if key not in self.position_cache:
-            y_coords = torch.arange(height, device=device)
-            x_coords = torch.arange(width, device=device)
-            self.position_cache[key] = torch.cartesian_prod(y_coords, x_coords)
-        cached = self.position_cache[key]
+        cached = self.position_cache.get(key)
+        if cached is None:
+            cached = torch.cartesian_prod(torch.arange(height, device=device), torch.arange(width, device=device))
+            # Not inside a compiled graph: the tensor would be one of the graph's outputs, and with
+            # CUDA graphs (mode="reduce-overhead") the next replay overwrites it in place.
+            if not torch.compiler.is_compiling():
+                self.position_cache[key] = cached
         return cached.view(1, height * width, 2).expand(batch_size, -1, -1).clone()
 
 
