@@ -26,7 +26,9 @@ against the dense teacher trained by ``benchmarks/train_teacher.py``:
 
 Metrics: depth AbsRel and delta<1.25 (median-aligned), point Chamfer, pose AUC@30. Latency and peak
 memory (CUDA only) per configuration at ``--latency-frames`` (distillation changes weights, not
-speed, so one figure per configuration), through ``--latency-backend``.
+speed, so one figure per configuration), through ``--latency-backend``, each student compiled
+block by block with CUDA graphs as ``benchmarks/e2e.py`` compiles its students; the teacher runs
+eagerly (dense eager, the end-to-end benchmark's baseline).
 
 Writes ``quality.json``, ``quality.md`` (the table) and ``quality.png`` / ``quality_sensitivity.png``
 / ``quality_drift.png`` under ``--out``.
@@ -334,9 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         row = {"variant": variant.name, "distilled": variant.distilled, "vs_gt": scores.get("student_vs_gt", {}),
                "vs_teacher": scores.get("student_vs_teacher", {}), **train_record}
         if device.type == "cuda" and args.latency_frames and variant.speed_key not in speeds:
-            # speed from the deployed form of the same configuration (training changes weights only)
-            deployed = teacher if variant.config is None else lite(
-                teacher, backend=args.latency_backend, config=variant.config, example_inputs=(example,)).eval()
+            # speed from the deployed form of the same configuration (training changes weights only),
+            # compiled as benchmarks/e2e.py compiles its students: block by block, CUDA graphs
+            # (a whole-model compile took 115 s a configuration on an H200, session 9)
+            timed = dataclasses.replace(variant.config, regional_compile=True, cuda_graphs=True) \
+                if variant.config is not None else None
+            deployed = teacher if timed is None else lite(
+                teacher, backend=args.latency_backend, config=timed, example_inputs=(example,)).eval()
             speeds[variant.speed_key] = {str(s): measure_speed(deployed, s, size, device) for s in args.latency_frames}
             del deployed
         row["speed"] = speeds.get(variant.speed_key, {})

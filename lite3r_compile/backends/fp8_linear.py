@@ -71,7 +71,6 @@ def float8_linear(
     if input_norm is not None and torch.is_autocast_enabled(x.device.type):
         # autocast picks layer_norm's dtype (float32 on CUDA, not on a CPU): let it, unfused
         x, input_norm = F.layer_norm(x, (in_features,), *input_norm), None
-        lead = x.shape[:-1]
     if (input_gelu or input_norm is not None) and not rowwise:
         raise ValueError("float8_linear: input_gelu and input_norm need rowwise granularity")
     if input_gelu and input_norm is not None:

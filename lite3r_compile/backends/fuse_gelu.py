@@ -39,6 +39,20 @@ class ChildrenAsLeaves(fx.Tracer):
         return True
 
 
+def child_calls(parent: nn.Module, names: set[str]) -> tuple[dict[str, list[fx.Node]] | None, str]:
+    """The ``call_module`` nodes of each child in ``names`` in ``parent``'s own forward (traced
+    with its children as leaves), or ``(None, why)`` where FX cannot trace it."""
+    try:
+        graph = ChildrenAsLeaves().trace(parent)
+    except Exception as err:  # noqa: BLE001 - any trace failure leaves the module as it is
+        return None, f"{type(parent).__name__} does not trace with torch.fx: {type(err).__name__}"
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in names:
+            calls.setdefault(str(node.target), []).append(node)
+    return calls, ""
+
+
 def single_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str]:
     """The one ``call_module`` node that consumes ``node``'s value, past pass-through modules,
     or None with the reason."""
@@ -65,17 +79,11 @@ def fuse_gelu_quantization(module: nn.Module) -> GeluFusion:
         if not gelus or not any(isinstance(c, Float8Linear) for c in children.values()):
             continue
         where = f"{parent_path}." if parent_path else ""
-        try:
-            graph = ChildrenAsLeaves().trace(parent)
-        except Exception as err:  # noqa: BLE001 - any trace failure leaves the module as it is
-            result.kept += [(where + n, f"{type(parent).__name__} does not trace with torch.fx: "
-                             f"{type(err).__name__}") for n in sorted(gelus)]
+        calls, why = child_calls(parent, gelus)
+        if calls is None:
+            result.kept += [(where + n, why) for n in sorted(gelus)]
             continue
         modules = dict(parent.named_modules())
-        calls: dict[str, list[fx.Node]] = {}
-        for node in graph.nodes:
-            if node.op == "call_module" and node.target in gelus:
-                calls.setdefault(node.target, []).append(node)
         for name in sorted(gelus):
             path, gelu, nodes = where + name, children[name], calls.get(name, [])
             if gelu.approximate != "none":
@@ -96,4 +104,4 @@ def fuse_gelu_quantization(module: nn.Module) -> GeluFusion:
     return result
 
 
-__all__ = ["ChildrenAsLeaves", "GeluFusion", "PASS_THROUGH", "fuse_gelu_quantization", "single_consumer"]
+__all__ = ["ChildrenAsLeaves", "GeluFusion", "PASS_THROUGH", "child_calls", "fuse_gelu_quantization", "single_consumer"]

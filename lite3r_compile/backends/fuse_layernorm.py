@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from lite3r_compile.backends.fp8_linear import Float8Linear
-from lite3r_compile.backends.fuse_gelu import PASS_THROUGH, ChildrenAsLeaves
+from lite3r_compile.backends.fuse_gelu import PASS_THROUGH, ChildrenAsLeaves, child_calls
 
 # attribute reads and calls that look at a tensor's metadata, not its values
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
@@ -125,17 +125,11 @@ def fuse_layernorm_quantization(module: nn.Module) -> LayerNormFusion:
         if not norms or not any(_holds_fp8(c) for n, c in children.items() if n not in norms):
             continue
         where = f"{parent_path}." if parent_path else ""
-        try:
-            graph = ChildrenAsLeaves().trace(parent)
-        except Exception as err:  # noqa: BLE001
-            result.kept += [(where + n, f"{type(parent).__name__} does not trace with torch.fx: "
-                             f"{type(err).__name__}") for n in sorted(norms)]
+        calls, why = child_calls(parent, norms)
+        if calls is None:
+            result.kept += [(where + n, why) for n in sorted(norms)]
             continue
         modules = dict(parent.named_modules())
-        calls: dict[str, list[fx.Node]] = {}
-        for node in graph.nodes:
-            if node.op == "call_module" and node.target in norms:
-                calls.setdefault(str(node.target), []).append(node)
         for name in sorted(norms):
             path, norm, nodes = where + name, children[name], calls.get(name, [])
             if not nodes:

@@ -83,7 +83,8 @@ class CompileOptions:
     multi_kernel: bool = False
 
     def __post_init__(self) -> None:
-        self.sla_config()  # SLAConfig validates topk, block sizes and the feature map
+        # SLAConfig validates topk, block sizes, the feature map and dense_rows (a list becomes a tuple)
+        object.__setattr__(self, "dense_rows", self.sla_config().dense_rows)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"lite3r backend: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.compiler not in COMPILERS:
