@@ -229,7 +229,10 @@ def sla_attention(
 def dense_row_index(n_queries: int, period: int, count: int, device: torch.device | None = None) -> torch.Tensor:
     """int64 indices of the rows ``i < n_queries`` with ``i % period < count``
     (:attr:`SLAConfig.dense_rows`), in ascending order, built without data-dependent ops."""
-    frames, tail = divmod(n_queries, period)
+    # // and %, not divmod: under dynamic shapes n_queries is a SymInt, and a builtin such as
+    # divmod is a suspect for the "Failed to trace builtin operator" break torch 2.11 reported
+    # (benchmarks/NOTES.md, session 9; not confirmed)
+    frames, tail = n_queries // period, n_queries % period
     index = (torch.arange(frames, device=device)[:, None] * period + torch.arange(count, device=device)).flatten()
     extra = min(count, tail)
     if extra:
