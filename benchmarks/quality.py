@@ -28,7 +28,8 @@ Metrics: depth AbsRel and delta<1.25 (median-aligned), point Chamfer, pose AUC@3
 memory (CUDA only) per configuration at ``--latency-frames`` (distillation changes weights, not
 speed, so one figure per configuration), through ``--latency-backend``, each student compiled
 block by block with CUDA graphs as ``benchmarks/e2e.py`` compiles its students; the teacher runs
-eagerly (dense eager, the end-to-end benchmark's baseline).
+eagerly (dense eager, the end-to-end benchmark's baseline) and, in a speed-only row, compiled as
+the students are (dense compiled).
 
 Writes ``quality.json``, ``quality.md`` (the table) and ``quality.png`` / ``quality_sensitivity.png``
 / ``quality_drift.png`` under ``--out``.
