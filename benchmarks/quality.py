@@ -180,6 +180,19 @@ def measure_speed(model: nn.Module, frames: int, size: int, device: torch.device
     return {"latency_ms": timing.latency_ms, "peak_bytes": timing.max_allocated_bytes}
 
 
+def measure_speeds(model: nn.Module, frames: list[int], size: int, device: torch.device) -> dict[str, dict]:
+    """:func:`measure_speed` at each frame count, compiled from an empty Dynamo cache and left
+    empty: every student's heads share the head's cache entries, and past the recompile limit a
+    head would run eagerly with only a warning (session 10's first GPU table: sla+fp8 16.4 ms
+    against 3.4); here a limit hit is an error."""
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return {str(s): measure_speed(model, s, size, device) for s in frames}
+    finally:
+        torch._dynamo.reset()
+
+
 def _cell(values: dict[str, float], metric: str) -> str:
     return f"{values[metric]:.4f}" if metric in values else "-"
 
@@ -342,17 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             # (a whole-model compile took 115 s a configuration on an H200, session 9)
             timed = dataclasses.replace(variant.config, regional_compile=True, cuda_graphs=True) \
                 if variant.config is not None else None
-            # each configuration compiles from an empty Dynamo cache: the heads of earlier students
-            # share its entries and past the recompile limit a head would run eagerly, unseen (session
-            # 10's first GPU table: sla+fp8 at 16.4 ms against 3.4 ms); a limit hit is an error here
-            torch._dynamo.reset()
             deployed = teacher if timed is None else lite(
                 teacher, backend=args.latency_backend, config=timed, example_inputs=(example,)).eval()
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                speeds[variant.speed_key] = {str(s): measure_speed(deployed, s, size, device)
-                                             for s in args.latency_frames}
+            speeds[variant.speed_key] = measure_speeds(deployed, args.latency_frames, size, device)
             del deployed
-            torch._dynamo.reset()
         row["speed"] = speeds.get(variant.speed_key, {})
         rows.append(row)
         if variant.config is None and device.type == "cuda" and args.latency_frames:
@@ -360,11 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             from lite3r_compile.bench.variants import compile_dense
 
             compiled = compile_dense(teacher, "inductor", regional=True, cuda_graphs=True)
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                rows.append({"variant": "teacher, compiled", "distilled": False, "vs_gt": {}, "vs_teacher": {},
-                             "speed": {str(s): measure_speed(compiled, s, size, device) for s in args.latency_frames}})
+            rows.append({"variant": "teacher, compiled", "distilled": False, "vs_gt": {}, "vs_teacher": {},
+                         "speed": measure_speeds(compiled, args.latency_frames, size, device)})
             del compiled
-            torch._dynamo.reset()
         if log_file is not None and log_file.exists():
             drift[variant.name] = [json.loads(line) for line in log_file.read_text().splitlines()]
         print(f"{variant.name}: {json.dumps({m: round(row['vs_gt'].get(m, float('nan')), 4) for m in METRICS})} "
