@@ -56,7 +56,7 @@ stage() {
     # then the Triton source of the hottest Inductor kernels, to read after the machine is gone
     e2e) python benchmarks/e2e.py --models vggt-1b da3-large --bf16-dense-heads ${E2E_FLAGS:-} --time-budget-s $((limit - 60)) \
         ${E2E_RESUME:+--resume "$E2E_RESUME"} --out "$dir" \
-        ; python benchmarks/kernel_sources.py "$dir/e2e.json" --out "$dir/kernels" \
+        ; python benchmarks/kernel_sources.py "$dir/e2e.json" --top 12 --out "$dir/kernels" \
         && tar -czf "$dir/kernels.tar.gz" -C "$dir" kernels && rm -r "$dir/kernels" ;;
     whole) python benchmarks/e2e.py --models vggt-1b --frames 32 --variants dense_eager student_fp8_sla \
         --compile-scope model --bf16-dense-heads ${E2E_FLAGS:-} --breakdown-frames --time-budget-s $((limit - 60)) \

@@ -35,7 +35,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import Tensor
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from lite3r_compile.backends.post_grad import ChainedGraphPass
 
 # What makes a value worth a buffer: transcendentals, powers, reductions and products. Index
 # arithmetic on ``arange`` and friends (the interpolation tables of a decomposed ``upsample``, a
@@ -237,31 +238,24 @@ def fold_input_independent(gm: fx.GraphModule, config: FoldConfig = FoldConfig()
     return report
 
 
-class FoldConstantsPass(CustomGraphPass):
+class FoldConstantsPass(ChainedGraphPass):
     """:func:`fold_input_independent` as an Inductor post-grad pass
     (``torch._inductor.config.post_grad_custom_pre_pass``), on the ATen graph Inductor lowers.
     ``on_fold`` receives each graph's report; ``after``: the pass or passes already set there,
-    run first. The uuid (this file, the config and ``after``'s uuids) keys Inductor's caches, so a
-    graph compiled with the pass is never served to a compile without it."""
+    run first (:class:`~lite3r_compile.backends.post_grad.ChainedGraphPass`: its uuid, this file
+    and the config key Inductor's caches, so a graph compiled with the pass is never served to a
+    compile without it)."""
 
     def __init__(self, config: FoldConfig = FoldConfig(), on_fold: Callable[[FoldReport], None] | None = None,
                  after: Any = None) -> None:
+        super().__init__(after, source=__file__, key=repr(config))
         self.config = config
         self.on_fold = on_fold
-        self.after = [] if after is None else list(after) if isinstance(after, (list, tuple)) else [after]
 
-    def __call__(self, graph: fx.Graph) -> None:
-        for earlier in self.after:
-            earlier(graph)
+    def run(self, graph: fx.Graph) -> None:
         report = fold_input_independent(graph.owning_module, self.config)
         if self.on_fold is not None:
             self.on_fold(report)
-
-    def uuid(self) -> bytes | None:
-        earlier = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.after]
-        if any(u is None for u in earlier):  # a pass Inductor cannot key: it caches nothing then
-            return None
-        return get_hash_for_files((__file__,), repr(self.config) + repr(earlier))
 
 
 __all__ = ["FoldConfig", "FoldConstantsPass", "FoldReport", "FoldedConstant", "fold_input_independent"]

@@ -12,7 +12,9 @@ import of lite3r_compile. For each graph Dynamo captures it
 3. computes once, at compile time, what does not depend on the inputs (shape-only tensors such as
    the DPT heads' sin/cos pixel embeddings, which Inductor would recompute at every call) and
    reads it from a buffer (:mod:`lite3r_compile.backends.fold_constants`);
-4. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
+4. gives a buffer to each transcendental a fused consumer would otherwise recompute per broadcast
+   copy (VGGT's RoPE cos/sin, once per head; :mod:`lite3r_compile.backends.realize_broadcasts`);
+5. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
 
 Options (``torch.compile(model, backend="lite3r", options={...})``): ``topk``, ``negligible``,
 ``block_q``, ``block_k``, ``feature_map``, ``dense_rows`` (``(period, count)``: exact attention
@@ -20,7 +22,7 @@ for the query rows ``i % period < count``, VGGT's camera and register tokens; se
 :class:`~lite3r_compile.sla.config.SLAConfig`),
 ``sla`` (rewrite attention, default True), ``fp8`` (default True), ``granularity``
 (``"rowwise"``/``"tensorwise"``), ``fp8_exclude`` (module-path globs kept high precision),
-``fold_constants`` (step 3, default True), ``compiler`` (``"inductor"``/``"eager"``),
+``fold_constants`` (step 3, default True), ``realize_broadcasts`` (step 4, default True), ``compiler`` (``"inductor"``/``"eager"``),
 ``cuda_graphs``, ``multi_kernel`` (Inductor's ``triton.multi_kernel``: reductions over rows up to
 16x wider than its persistent-reduction limit of 1024 also get a persistent variant, and the
 faster of the two is picked by timing them on the first call. The FP8 quantization of a
@@ -47,6 +49,7 @@ from lite3r_compile.backends.fold_constants import FoldConfig, FoldConstantsPass
 from lite3r_compile.backends.fp8_linear import has_fp8_gemm
 from lite3r_compile.backends.graph_attention import GraphSite, rewrite_dynamo_attention
 from lite3r_compile.backends.graph_fp8 import GraphLinear, graph_prefix, quantize_dynamo_linears
+from lite3r_compile.backends.realize_broadcasts import RealizeBroadcastsPass, RealizeConfig, RealizedValue
 from lite3r_compile.config import FP8Config, GRANULARITIES
 from lite3r_compile.sla.config import SLAConfig
 
@@ -78,6 +81,7 @@ class CompileOptions:
     granularity: str = "rowwise"
     fp8_exclude: tuple[str, ...] = ()
     fold_constants: bool = True
+    realize_broadcasts: bool = True
     compiler: str = "inductor"
     cuda_graphs: bool = False
     multi_kernel: bool = False
@@ -118,7 +122,9 @@ class GraphReport:
     Linear calls (quantized or why not), the input-independent values computed once (``folded``:
     ``None`` with ``fold_constants`` off, or when Inductor's cache supplied the compiled graph, so
     that the pass ran only when it was first compiled), the graph breaks Dynamo reported before
-    this graph, the device, and whether FP8 is emulated there."""
+    this graph, the device, and whether FP8 is emulated there. ``realized``: the values given a
+    buffer so that a broadcasting kernel loads them instead of recomputing them (Inductor path
+    only; empty when Inductor's cache supplied the graph)."""
 
     options: CompileOptions
     device: torch.device
@@ -127,6 +133,7 @@ class GraphReport:
     linears: list[GraphLinear] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     folded: FoldReport | None = None
+    realized: list[RealizedValue] = field(default_factory=list)
 
     @property
     def rewritten(self) -> int:
@@ -210,14 +217,19 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, options: CompileOptions,
         patches["triton.cudagraphs"] = True
     if options.multi_kernel:
         patches["triton.multi_kernel"] = 1
+    # post-grad passes on the ATen graph Inductor compiles, chained after the one already set
+    # (their uuids key Inductor's caches): folding first, so that a folded value is not realized
+    post_grad = inductor_config.post_grad_custom_pre_pass
     if options.fold_constants:
-        # a post-grad pass on the ATen graph Inductor compiles, where a folded value becomes a
-        # constant as Inductor's freezing makes them; its uuid keys Inductor's caches
+        # a folded value becomes a constant as Inductor's freezing makes them
         def record(folded: FoldReport) -> None:
             report.folded = folded if report.folded is None else report.folded.merged(folded)
 
-        patches["post_grad_custom_pre_pass"] = FoldConstantsPass(
-            FoldConfig(), on_fold=record, after=inductor_config.post_grad_custom_pre_pass)
+        post_grad = FoldConstantsPass(FoldConfig(), on_fold=record, after=post_grad)
+    if options.realize_broadcasts:
+        post_grad = RealizeBroadcastsPass(RealizeConfig(), on_realize=report.realized.extend, after=post_grad)
+    if post_grad is not inductor_config.post_grad_custom_pre_pass:
+        patches["post_grad_custom_pre_pass"] = post_grad
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
