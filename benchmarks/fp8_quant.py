@@ -17,7 +17,8 @@ copy bandwidth:
 - ``coordinate_descent``: the same with ``coordinate_descent_tuning=True``
 - ``triton_rows``:   the deployed student's kernel (``lite3r::gelu_quant_rowwise``,
                      :mod:`lite3r_compile.backends.gelu_quant`): a few rows a program, each row
-                     loaded once, erf once, amax, scale and e4m3 stores
+                     loaded once, erf once, amax, scale and e4m3 stores, at its default
+                     tile and at the others of a small sweep (``triton_r{rows}w{warps}``)
 
 and, for each, whether its e4m3 bytes and scales equal the eager reference's.
 
@@ -41,13 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from lite3r_compile.backends.fp8_linear import quantize_to_e4m3
-from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise
+from lite3r_compile.backends.gelu_quant import gelu_quant_rowwise, gelu_quantize_triton
 from lite3r_compile.backends.layernorm_quant import layernorm_quant_rowwise, layernorm_quantize_triton
 
 from fp8_linear import bench  # the sibling script: do_bench's median, the same warm-up
 
 HIDDEN = 4096
 WIDTH = 1024  # VGGT-1B's embedding width: the LayerNorms' rows
+GELU_TILES = [(1, 4), (1, 8), (1, 16), (2, 16), (4, 16), (4, 32)]  # (rows, warps) of the GELU sweep
 LN_TILES = [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8)]  # (rows, warps) of the sweep
 TOKENS_PER_FRAME = 1374
 
@@ -113,6 +115,8 @@ def main() -> None:
                               "coordinate_descent": {"coordinate_descent_tuning": True}}.items():
             candidates[name] = torch.compile(reference, options=options)
         candidates["triton_rows"] = gelu_quant_rowwise
+        for r, w in GELU_TILES:
+            candidates[f"triton_r{r}w{w}"] = lambda t, r=r, w=w: gelu_quantize_triton(t, rows=r, num_warps=w)
         for name, fn in candidates.items():
             torch._dynamo.reset()  # each compiled candidate compiles on its first call, with its own options
             out = fn(y)

@@ -36,7 +36,7 @@ export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 
 declare -A LIMIT=(
-    [tests]=240 [overhead]=240 [kernels]=300 [quant]=120 [distill]=480 [e2e]=540 [whole]=420 [whole1]=560
+    [tests]=240 [overhead]=240 [kernels]=300 [quant]=200 [upsample]=150 [distill]=480 [e2e]=540 [whole]=420 [whole1]=560
     [teacher]=570 [quality]=540
 )
 
@@ -51,6 +51,7 @@ stage() {
     overhead) python benchmarks/compile_overhead.py --out "$dir" ;;
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
     quant) python benchmarks/fp8_quant.py --frames 8 32 --layernorm --out "$dir" ;;
+    upsample) python benchmarks/upsample.py --sources --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \
         --workers 16 --scenes 16 --time-budget-s $((limit - 60)) --out "$dir" ;;
     # then the Triton source of the hottest Inductor kernels, to read after the machine is gone

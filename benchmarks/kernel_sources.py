@@ -2,7 +2,7 @@
 
 The end-to-end benchmark names each run's slowest kernels (``top_kernels`` in its JSON). For the
 ones Inductor generated (``triton_*``), this finds the generated source in Inductor's cache
-directory (the files that define ``def <name>(``) and copies it, with the runs and times that
+directory (the files that define ``def <name>(``) and copies them, with the runs and times that
 named it, so the launch shapes (``xnumel``, ``r0_numel``), the loads and the reduction strategy
 (``triton_per_`` persistent, ``triton_red_`` looped) can be read after the machine is gone.
 
@@ -42,22 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     named = hot_triton_kernels(json.loads(Path(args.result).read_text()), args.top)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Inductor writes each kernel to a file of its own as well as into the graph's output code:
-    # the smallest file that defines a kernel is the kernel alone
-    found: dict[str, Path] = {}
+    # Inductor writes each kernel to a file of its own as well as into the graph's output code
+    # (which also defines ``call``). It numbers kernels per graph, so one name can be several
+    # kernels of several graphs (the dense and the student's, float32 and bfloat16): all are kept,
+    # as name.0.py, name.1.py, ..., and the reader matches them to a run by their shapes and dtypes.
+    found: dict[str, list[Path]] = {name: [] for name in named}
     for path in sorted(root.rglob("*.py"), key=lambda p: p.stat().st_size):
-        if len(found) == len(named):
-            break
         text = path.read_text(errors="replace")
+        if "def call(" in text:
+            continue
         for name in named:
-            if name not in found and f"def {name}(" in text:
-                found[name] = path
-                (out / f"{name}.py").write_text(f"# {path}\n# " + "\n# ".join(named[name]) + "\n" + text)
-    index = {name: {"runs": runs, "source": str(found[name]) if name in found else None}
-             for name, runs in named.items()}
+            if f"def {name}(" in text:
+                found[name].append(path)
+                copy = out / f"{name}.{len(found[name]) - 1}.py"
+                copy.write_text(f"# {path}\n# " + "\n# ".join(named[name]) + "\n" + text)
+    index = {name: {"runs": runs, "sources": [str(p) for p in found[name]]} for name, runs in named.items()}
     (out / "index.json").write_text(json.dumps(index, indent=1))
     for name, entry in index.items():
-        print(f"{'found  ' if entry['source'] else 'MISSING'} {name}: {entry['runs'][0]}")
+        count = len(entry["sources"])
+        print(f"{f'{count} found' if count else 'MISSING':>8} {name}: {entry['runs'][0]}")
     return 0
 
 

@@ -240,13 +240,17 @@ def test_compile_overhead_builds_a_shortened_vggt_1b_at_full_width():
     assert out["depth"].shape == (1, 1, 518, 518, 1) and torch.isfinite(out["depth"]).all()
 
 
-def test_kernel_sources_copies_the_smallest_file_defining_each_hot_inductor_kernel(tmp_path):
+def test_kernel_sources_copies_every_kernel_file_defining_each_hot_inductor_kernel(tmp_path):
     script = _script("kernel_sources")
     cache = tmp_path / "cache"
     (cache / "ab").mkdir(parents=True)
-    (cache / "ab" / "graph.py").write_text("def triton_red_fused_gelu_1(x):\n    pass\n" + "# pad\n" * 200
-                                           + "def triton_per_fused_ln_2(x):\n    pass\n")
+    # a graph's output code defines its kernels and `call`: not a kernel's own file
+    (cache / "ab" / "graph.py").write_text("def triton_red_fused_gelu_1(x):\n    pass\n"
+                                           "def triton_per_fused_ln_2(x):\n    pass\ndef call(args):\n    pass\n")
     (cache / "ab" / "kernel.py").write_text("def triton_red_fused_gelu_1(x):\n    pass\n")
+    # the same name in another graph (Inductor numbers kernels per graph): another kernel
+    (cache / "ab" / "other_graph_kernel.py").write_text("def triton_red_fused_gelu_1(y):\n    pass  # float32\n")
+    (cache / "ab" / "ln.py").write_text("def triton_per_fused_ln_2(x):\n    pass\n")
     result = {"runs": [
         {"model": "m", "frames": 8, "variant": "student_fp8_sla", "top_kernels": [
             {"name": "nvjet_gemm", "calls": 4, "ms": 9.0},  # not Inductor's: not looked for
@@ -261,12 +265,15 @@ def test_kernel_sources_copies_the_smallest_file_defining_each_hot_inductor_kern
     assert script.main([str(tmp_path / "e2e.json"), "--cache-dir", str(cache), "--out", str(out)]) == 0
     index = json.loads((out / "index.json").read_text())
     assert set(index) == {"triton_red_fused_gelu_1", "triton_per_fused_ln_2", "triton_poi_fused_gone_3"}
-    assert index["triton_red_fused_gelu_1"]["source"].endswith("kernel.py")
-    assert index["triton_per_fused_ln_2"]["source"].endswith("graph.py")
-    assert index["triton_poi_fused_gone_3"]["source"] is None
+    assert sorted(Path(p).name for p in index["triton_red_fused_gelu_1"]["sources"]) == [
+        "kernel.py", "other_graph_kernel.py"]
+    assert [Path(p).name for p in index["triton_per_fused_ln_2"]["sources"]] == ["ln.py"]
+    assert index["triton_poi_fused_gone_3"]["sources"] == []
     assert index["triton_red_fused_gelu_1"]["runs"] == ["m S=8 student_fp8_sla: 7.90 ms over 48 calls"]
-    copied = (out / "triton_red_fused_gelu_1.py").read_text()
-    assert "7.90 ms over 48 calls" in copied and "# pad" not in copied
+    copies = sorted(out.glob("triton_red_fused_gelu_1.*.py"))
+    assert len(copies) == 2 and all("7.90 ms over 48 calls" in c.read_text() for c in copies)
+    assert any("float32" in c.read_text() for c in copies)
+    assert not any("def call(" in c.read_text() for c in out.glob("*.py"))
 
 
 def test_special_token_query_blocks_are_found_and_the_override_is_undone():

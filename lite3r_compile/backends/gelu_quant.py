@@ -63,9 +63,11 @@ def _kernel(interpret: bool):
     return triton, gelu_quant_rows
 
 
-def gelu_quantize_triton(y: Tensor) -> tuple[Tensor, Tensor]:
+def gelu_quantize_triton(y: Tensor, *, rows: int | None = None,
+                         num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """The Triton kernel on ``y`` (M, N) with unit stride along N: CUDA tensors, or any tensors
-    under ``TRITON_INTERPRET=1``."""
+    under ``TRITON_INTERPRET=1``. ``rows`` (a power of two) and ``num_warps`` override the tile
+    (``benchmarks/fp8_quant.py`` sweeps them)."""
     import triton
 
     interpret = bool(triton.knobs.runtime.interpret)
@@ -78,14 +80,14 @@ def gelu_quantize_triton(y: Tensor) -> tuple[Tensor, Tensor]:
                          f"got shape {tuple(y.shape)} and strides {y.stride()}")
     M, N = y.shape
     block_n = triton.next_power_of_2(N)
-    rows = max(1, _TILE // block_n)
+    rows = rows or max(1, _TILE // block_n)
+    num_warps = num_warps or (8 if block_n >= 2048 else 4)
     # Triton 3.6's interpreter casts float32 to e4m3 wrongly just below a power of two (7.8 -> 4),
     # so there the kernel stores the float32 quotients and torch rounds them
     q = torch.empty(M, N, device=y.device, dtype=torch.float32 if interpret else E4M3)
     scale = torch.empty(M, 1, device=y.device, dtype=torch.float32)
     kernel[(triton.cdiv(M, rows),)](y, q, scale, M, N, y.stride(0), q.stride(0), FLOOR=AMAX_FLOOR,
-                                    FP8_MAX=E4M3_MAX, ROWS=rows, BLOCK_N=block_n,
-                                    num_warps=8 if block_n >= 2048 else 4)
+                                    FP8_MAX=E4M3_MAX, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
     return (q.to(E4M3) if interpret else q), scale
 
 

@@ -14,7 +14,10 @@ import of lite3r_compile. For each graph Dynamo captures it
    reads it from a buffer (:mod:`lite3r_compile.backends.fold_constants`);
 4. gives a buffer to each transcendental a fused consumer would otherwise recompute per broadcast
    copy (VGGT's RoPE cos/sin, once per head; :mod:`lite3r_compile.backends.realize_broadcasts`);
-5. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
+5. routes bilinear ``F.interpolate`` calls (the DPT heads' resizing) to one Triton kernel over
+   channels-last maps instead of Inductor's per-element gathers
+   (:mod:`lite3r_compile.backends.graph_upsample`), on the Dynamo graph;
+6. hands the graph to Inductor (or runs it as is with ``compiler="eager"``, for debugging).
 
 Options (``torch.compile(model, backend="lite3r", options={...})``): ``topk``, ``negligible``,
 ``block_q``, ``block_k``, ``feature_map``, ``dense_rows`` (``(period, count)``: exact attention
@@ -22,7 +25,8 @@ for the query rows ``i % period < count``, VGGT's camera and register tokens; se
 :class:`~lite3r_compile.sla.config.SLAConfig`),
 ``sla`` (rewrite attention, default True), ``fp8`` (default True), ``granularity``
 (``"rowwise"``/``"tensorwise"``), ``fp8_exclude`` (module-path globs kept high precision),
-``fold_constants`` (step 3, default True), ``realize_broadcasts`` (step 4, default True), ``compiler`` (``"inductor"``/``"eager"``),
+``fold_constants`` (step 3, default True), ``realize_broadcasts`` (step 4, default True),
+``bilinear_kernel`` (step 5, default True), ``compiler`` (``"inductor"``/``"eager"``),
 ``cuda_graphs``, ``multi_kernel`` (Inductor's ``triton.multi_kernel``: reductions over rows up to
 16x wider than its persistent-reduction limit of 1024 also get a persistent variant, and the
 faster of the two is picked by timing them on the first call. The FP8 quantization of a
@@ -49,6 +53,7 @@ from lite3r_compile.backends.fold_constants import FoldConfig, FoldConstantsPass
 from lite3r_compile.backends.fp8_linear import has_fp8_gemm
 from lite3r_compile.backends.graph_attention import GraphSite, rewrite_dynamo_attention
 from lite3r_compile.backends.graph_fp8 import GraphLinear, graph_prefix, quantize_dynamo_linears
+from lite3r_compile.backends.graph_upsample import RoutedUpsample, UpsampleConfig, route_bilinear_upsamples
 from lite3r_compile.backends.realize_broadcasts import RealizeBroadcastsPass, RealizeConfig, RealizedValue
 from lite3r_compile.config import FP8Config, GRANULARITIES
 from lite3r_compile.sla.config import SLAConfig
@@ -82,6 +87,7 @@ class CompileOptions:
     fp8_exclude: tuple[str, ...] = ()
     fold_constants: bool = True
     realize_broadcasts: bool = True
+    bilinear_kernel: bool = True
     compiler: str = "inductor"
     cuda_graphs: bool = False
     multi_kernel: bool = False
@@ -124,7 +130,9 @@ class GraphReport:
     that the pass ran only when it was first compiled), the graph breaks Dynamo reported before
     this graph, the device, and whether FP8 is emulated there. ``realized``: the values given a
     buffer so that a broadcasting kernel loads them instead of recomputing them (Inductor path
-    only; empty when Inductor's cache supplied the graph)."""
+    only; empty when Inductor's cache supplied the graph). ``upsamples``: the graph's
+    ``F.interpolate`` calls, routed to ``lite3r::upsample_bilinear2d`` or why not (empty with
+    ``bilinear_kernel`` off)."""
 
     options: CompileOptions
     device: torch.device
@@ -134,6 +142,7 @@ class GraphReport:
     graph_breaks: list[str] = field(default_factory=list)
     folded: FoldReport | None = None
     realized: list[RealizedValue] = field(default_factory=list)
+    upsamples: list[RoutedUpsample] = field(default_factory=list)
 
     @property
     def rewritten(self) -> int:
@@ -263,6 +272,14 @@ def lite3r_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict[st
         report.sites = [_full_path(site, prefix) for site in rewrite_dynamo_attention(gm, opts.sla_config())]
     site_paths = [site.path for site in report.sites] if prefix is not None else []
     report.linears = quantize_dynamo_linears(gm, example_inputs, opts.fp8_config(), site_paths)
+    if opts.bilinear_kernel:
+        # Dynamo guards on grad mode, so an inference graph is never reused to train
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+        report.upsamples = [
+            dataclasses.replace(u, path=f"{prefix}.{u.path}" if u.path else prefix) if prefix else u
+            for u in route_bilinear_upsamples(gm, UpsampleConfig(), inference=not needs_grad)
+        ]
     _REPORTS.append(report)
     if opts.compiler == "eager":
         if opts.fold_constants:
