@@ -3,7 +3,7 @@ at VGGT-1B's head shapes (an 8-frame chunk at 518 x 518, bf16, channels-last), o
 
 A DPT fusion step ends in ``interpolate(conv_out + skip, 2x, bilinear, align_corners=True)``;
 Inductor fuses the add into the upsampling, so each output element gathers four corners from
-both inputs (session 12's profile: 2.1 ms for the 148 -> 296 step of two heads, ~0.5-1 TB/s).
+both inputs (session 10's profile: 2.1 ms for the 148 -> 296 step of two heads, ~0.5-1 TB/s).
 The floor of the unfused form is one read of ``conv_out`` and ``skip`` and one write and read of
 their sum (at the input's size) plus one write of the output (4x the input at 2x); that of the
 fused form skips the sum. Timed (CUDA events via triton's ``do_bench``, median):

@@ -23,7 +23,7 @@ lays out convolution outputs) each corner is a contiguous vector load, and the c
 Routed, the heads' elementwise time fell from 6.4 to 3.9 ms at S=8. In isolation the picture is
 different: on a plain ``a + b`` before the resize, Inductor's fused kernel reaches 2.2-2.4 TB/s
 and this kernel 2.6-2.8 TB/s, so the routed pair (add, then resize) is no faster there
-(``benchmarks/upsample.py``; both in ``benchmarks/NOTES.md``, session 12).
+(``benchmarks/upsample.py``; both in ``benchmarks/NOTES.md``, sessions 12-13).
 
 The output is channels-last when x is (:func:`is_channels_last`), else contiguous, on every
 device. Off CUDA the op runs ``F.interpolate``; its gradient is ATen's.

@@ -15,7 +15,7 @@ elementwise consumer, so the pair writes one buffer; routed, the kernel writes t
 the consumer reads and rewrites it. The DPT heads end in such a pair (the last resize to the image
 size, then the pixel embedding added, on 8 x 128 x 518 x 518 values): with it routed, VGGT-1B's
 student held 0.5 GiB more CUDA-graph pool (one such map is 0.55 GB) and the pair took about as
-long as Inductor's fused kernel (``benchmarks/NOTES.md``, session 12). The refinement steps'
+long as Inductor's fused kernel (``benchmarks/NOTES.md``, sessions 12-13). The refinement steps'
 resizes feed a convolution, which fuses nothing; there the kernel is what saves time.
 """
 

@@ -6,7 +6,7 @@ VGGT's 2D RoPE builds ``cos`` and ``sin`` of the angle table, (B, 1, N, D/2), an
 into q and k, (B, H, N, D/2). Inlined, the fused qk-norm + RoPE kernel evaluates the two
 transcendentals, and the position gather and angle product behind them, once per head: H = 16
 times the work, which made those kernels run at a third of the memory bandwidth on an H200
-(VGGT-1B, S=32: 15 ms of the student's 314; benchmarks/NOTES.md, session 12).
+(VGGT-1B, S=32: 15 ms of the student's 314; benchmarks/NOTES.md, sessions 10 and 12).
 
 The pass finds each *costly* pointwise node (a transcendental or a power; see
 :data:`COSTLY_POINTWISE`) whose value reaches, through pointwise and view ops only, a node with
