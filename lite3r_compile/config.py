@@ -162,6 +162,9 @@ class LiteConfig:
     was one (as a looped reduction it computes the GELU twice); the deployed form now quantizes it
     in a kernel of its own (:mod:`lite3r_compile.backends.fuse_gelu`). On torch 2.11 with CUDA
     graphs, 16 of 22 compiles failed with multi-kernel on (``benchmarks/NOTES.md``, session 6).
+    ``bilinear_kernel``: the deployed form runs the bilinear resizes of its compiled graphs in
+    ``lite3r::upsample_bilinear2d`` (the ``lite3r`` backend's option of that name,
+    :mod:`lite3r_compile.backends.graph_upsample`); False leaves them to Inductor.
     """
 
     sla: SLAConfig = field(default_factory=SLAConfig)
@@ -176,6 +179,7 @@ class LiteConfig:
     regional_compile: bool = False
     cuda_graphs: bool = False
     inductor_multi_kernel: bool = False
+    bilinear_kernel: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.sla, SLAConfig):

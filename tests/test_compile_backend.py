@@ -268,3 +268,13 @@ def test_inductor_options_reach_compile_fx_for_the_backend_and_the_deployed_stud
     assert seen and all(p["triton.multi_kernel"] == 1 for p in seen)
     assert not deploy(plain, "fp8", compile=False).record.multi_kernel
     assert LiteConfig().inductor_multi_kernel is False
+    # the deployed form's graphs take the resize kernel's switch from LiteConfig.bilinear_kernel
+    assert compile_reports()[-1].options.bilinear_kernel is True
+    torch._dynamo.reset()
+    clear_compile_reports()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = deploy(make_student(teacher, bilinear_kernel=False), "fp8")
+        with torch.no_grad():
+            off(x)
+    assert compile_reports() and all(not r.options.bilinear_kernel for r in compile_reports())

@@ -286,18 +286,21 @@ def deploy(
     runner = module
     if compile:
         runner, record.compiled_blocks = compile_for_inference(
-            module, cuda_graphs=cuda_graphs, dynamic=dynamic, regional=regional, multi_kernel=record.multi_kernel)
+            module, cuda_graphs=cuda_graphs, dynamic=dynamic, regional=regional, multi_kernel=record.multi_kernel,
+            bilinear_kernel=lite_record is None or lite_record.config.bilinear_kernel)
     return DeployedStudent(module, record, sources, runner, casts)
 
 
 def compile_for_inference(module: nn.Module, *, cuda_graphs: bool = False, dynamic: bool | None = None,
-                          regional: bool = False, multi_kernel: bool = False) -> tuple[Any, list[str]]:
+                          regional: bool = False, multi_kernel: bool = False,
+                          bilinear_kernel: bool = True) -> tuple[Any, list[str]]:
     """``torch.compile`` through Inductor with the ``lite3r`` backend's bookkeeping and nothing
     rewritten (the module is lowered already): graph breaks are reported by a
     ``GraphBreakWarning`` and each graph leaves a ``GraphReport``. With ``regional``, the repeated
     blocks and the heads are compiled in place instead
     (:func:`~lite3r_compile.backends.regions.compile_blocks`), each region's graph a CUDA graph of
-    its own with ``cuda_graphs``. ``multi_kernel``: the ``lite3r`` backend's option of that name.
+    its own with ``cuda_graphs``. ``multi_kernel``, ``bilinear_kernel``: the ``lite3r`` backend's
+    options of those names.
 
     Returns what to call (the compiled module, or ``module`` itself when regional) and the regions
     compiled, as ``"path: count x Class"`` (empty unless regional).
@@ -305,7 +308,8 @@ def compile_for_inference(module: nn.Module, *, cuda_graphs: bool = False, dynam
     from lite3r_compile.backends.regions import compile_blocks
     from lite3r_compile.backends.registration import lite3r_backend
 
-    options = {"sla": False, "fp8": False, "cuda_graphs": cuda_graphs, "multi_kernel": multi_kernel}
+    options = {"sla": False, "fp8": False, "cuda_graphs": cuda_graphs, "multi_kernel": multi_kernel,
+               "bilinear_kernel": bilinear_kernel}
     backend = functools.partial(lite3r_backend, options=options)
     if not regional:
         return torch.compile(module, backend=backend, dynamic=dynamic), []

@@ -319,11 +319,11 @@ def load_deployable(path: str | os.PathLike, *, model: nn.Module | None = None,
     # the skeleton (the caller's model keeps its own weights).
     deployed.module.load_state_dict(tensors, strict=True, assign=True)
     return deploy_loaded(deployed, compile=compile, cuda_graphs=cuda_graphs, regional=config.regional_compile,
-                         multi_kernel=config.inductor_multi_kernel)
+                         multi_kernel=config.inductor_multi_kernel, bilinear_kernel=config.bilinear_kernel)
 
 
 def deploy_loaded(deployed: DeployedStudent, *, compile: bool, cuda_graphs: bool,
-                  regional: bool = False, multi_kernel: bool = False) -> DeployedStudent:
+                  regional: bool = False, multi_kernel: bool = False, bilinear_kernel: bool = True) -> DeployedStudent:
     """A loaded deployed module as a standalone :class:`DeployedStudent` (no student to refresh
     from), compiled on request (block by block with ``regional``; ``multi_kernel`` as
     :func:`~lite3r_compile.backends.deploy.compile_for_inference`'s)."""
@@ -333,7 +333,8 @@ def deploy_loaded(deployed: DeployedStudent, *, compile: bool, cuda_graphs: bool
     runner = module
     if compile:
         runner, record.compiled_blocks = compile_for_inference(
-            module, cuda_graphs=record.cuda_graphs, regional=regional, multi_kernel=record.multi_kernel)
+            module, cuda_graphs=record.cuda_graphs, regional=regional, multi_kernel=record.multi_kernel,
+            bilinear_kernel=bilinear_kernel)
     return DeployedStudent(module, record, [], runner)
 
 
