@@ -256,3 +256,4 @@ def test_on_a_gpu_the_kernel_matches_f_interpolate_at_dpt_sizes(dtype):
         want, got = model(xs, like), compiled(xs, like)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) < tol
+    assert [u.routed for u in compile_reports()[-1].upsamples] == [True, True, False]
