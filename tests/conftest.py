@@ -42,3 +42,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def fresh_lite3r_backend():
+    """A clean Dynamo cache and no ``lite3r`` compile reports before and after the test; one
+    Inductor compile thread (CI's 2 cores); the no-FP8-device warning of CPU runs silenced."""
+    import warnings
+
+    from lite3r_compile.backends.registration import NoFP8DeviceWarning, clear_compile_reports
+
+    torch._dynamo.reset()
+    clear_compile_reports()
+    with torch._inductor.config.patch(compile_threads=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoFP8DeviceWarning)
+        yield
+    torch._dynamo.reset()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -24,8 +23,6 @@ from lite3r_compile.backends.bilinear_upsample import (
 )
 from lite3r_compile.backends.graph_upsample import UpsampleConfig, route_bilinear_upsamples
 from lite3r_compile.backends.registration import (
-    NoFP8DeviceWarning,
-    clear_compile_reports,
     compile_reports,
     lite3r_backend,
 )
@@ -33,14 +30,7 @@ from lite3r_compile.backends.registration import (
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    clear_compile_reports()
-    with torch._inductor.config.patch(compile_threads=1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoFP8DeviceWarning)
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_lite3r_backend")
 
 
 resizes = st.tuples(

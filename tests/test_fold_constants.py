@@ -4,7 +4,6 @@ folded, what must never be, and that the compiled model computes the same thing 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import torch
@@ -13,22 +12,13 @@ from torch import nn
 
 from lite3r_compile.backends.fold_constants import FoldConfig, fold_input_independent
 from lite3r_compile.backends.registration import (
-    NoFP8DeviceWarning,
-    clear_compile_reports,
     compile_reports,
     lite3r_backend,
 )
 from lite3r_compile.models_zoo.dpt import DPTHead
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    clear_compile_reports()
-    with torch._inductor.config.patch(compile_threads=1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoFP8DeviceWarning)
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_lite3r_backend")
 
 
 def _embedding(n: int) -> torch.Tensor:

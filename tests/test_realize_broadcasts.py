@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 
 import pytest
 import torch
@@ -20,8 +19,6 @@ from lite3r_compile.backends.realize_broadcasts import (
     realize_broadcast_values,
 )
 from lite3r_compile.backends.registration import (
-    NoFP8DeviceWarning,
-    clear_compile_reports,
     compile_reports,
     lite3r_backend,
 )
@@ -30,14 +27,7 @@ from lite3r_compile.models_zoo.layers import RotaryPositionEmbedding2D
 FORCE = torch.ops.prims.inductor_force_stride_order.default
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    clear_compile_reports()
-    with torch._inductor.config.patch(compile_threads=1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoFP8DeviceWarning)
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_lite3r_backend")
 
 
 class NormThenRope(nn.Module):

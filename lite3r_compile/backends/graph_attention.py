@@ -45,7 +45,8 @@ class GraphSite:
     reason: str
 
 
-def _hint(size: Any) -> Any:
+def size_hint(size: Any) -> Any:
+    """A symbolic size or scalar as its hinted value (no guard); plain values unchanged."""
     if isinstance(size, torch.SymInt):
         return int(size.node.hint) if size.node.hint is not None else size.node.shape_env.size_hint(size.node.expr)
     if isinstance(size, torch.SymFloat):
@@ -56,9 +57,9 @@ def _hint(size: Any) -> Any:
 def _concrete(value: Any) -> Any:
     """A fake value with symbolic sizes as a meta tensor of its hinted sizes (no guards)."""
     if isinstance(value, torch.Tensor):
-        return torch.empty([_hint(s) for s in value.shape], dtype=value.dtype, device="meta")
+        return torch.empty([size_hint(s) for s in value.shape], dtype=value.dtype, device="meta")
     if isinstance(value, (torch.SymInt, torch.SymFloat)):
-        return _hint(value)
+        return size_hint(value)
     return value
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from lite3r_compile.backends.bilinear_upsample import interpolate_bilinear
-from lite3r_compile.backends.graph_attention import _hint, module_path
+from lite3r_compile.backends.graph_attention import module_path, size_hint
 
 _INTERPOLATE = inspect.signature(F.interpolate)
 
@@ -86,7 +86,7 @@ def _why_not(bound: inspect.BoundArguments, value: object, config: UpsampleConfi
         return "input is not a 4-D tensor (N, C, H, W)"
     if not value.is_floating_point():
         return f"input dtype {value.dtype} is not floating point"
-    channels = _hint(value.shape[1])
+    channels = size_hint(value.shape[1])
     if channels < config.min_channels:
         return f"{channels} channels, fewer than UpsampleConfig.min_channels={config.min_channels}"
     if users and all(_is_elementwise(u) for u in users):
@@ -115,7 +115,7 @@ def route_bilinear_upsamples(gm: fx.GraphModule, config: UpsampleConfig = Upsamp
         bound = _INTERPOLATE.bind(*node.args, **node.kwargs)
         source = bound.arguments["input"]
         value = source.meta.get("example_value") if isinstance(source, fx.Node) else None
-        shape = tuple(_hint(s) for s in value.shape) if isinstance(value, torch.Tensor) else ()
+        shape = tuple(size_hint(s) for s in value.shape) if isinstance(value, torch.Tensor) else ()
         reason = _why_not(bound, value, config, inference, list(node.users))
         records.append(RoutedUpsample(module_path(node), str(bound.arguments.get("mode", "nearest")), shape,
                                       not reason, reason))
