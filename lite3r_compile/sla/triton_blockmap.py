@@ -40,24 +40,20 @@ NEGLIGIBLE_C: tl.constexpr = tl.constexpr(NEGLIGIBLE)
 
 @triton.jit
 def _sla_block_scores_kernel(
-    QMEAN, KSUM, SCORES,
+    QMEAN, KSUM, KMEAN, SCORES,
     Nk, Mq, Mk, block_k,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
 ):
-    # SCORES[bh, rows, cols] = pooled_q[rows] @ pooled_k[cols]^T for one (BLOCK_R, BLOCK_C)
-    # tile. The mean of k over all keys is re-derived per program from the (Mk, D) key-block
-    # sums (a few hundred rows, read from L2): cheaper than another launch.
+    # SCORES[bh, rows, cols] = pooled_q[rows] @ pooled_k[cols]^T for one (BLOCK_R, BLOCK_C) tile,
+    # with the mean of k over all keys given per (batch, head): re-deriving it in every program
+    # from the (Mk, D) key-block sums made each one read all of them, so the kernel's reads grew
+    # as Mk^2 (benchmarks/NOTES.md, session 14).
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, D)
     k_sums = KSUM + pid_bh * Mk * D
-    total = tl.zeros((D,), dtype=tl.float32)
-    for c0 in range(0, Mk, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        total += tl.sum(tl.load(k_sums + cs[:, None] * D + offs_d[None, :],
-                                mask=(cs < Mk)[:, None], other=0.0), axis=0)
-    k_mean = total / Nk
+    k_mean = tl.load(KMEAN + pid_bh * D + offs_d)
 
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < Mk
@@ -89,16 +85,17 @@ def _kth_largest(key, valid, k):
 
 
 @triton.jit
-def _store_tables(c, idx, valid, LUT_LINE, COUNT_AT, IND_LINE):
+def _store_tables(c, idx, valid, LUT_LINE, COUNT_AT, IND_LINE, ind_width):
     # From the classes c of one row (or column) of block_class, whose block indices are idx (real
     # where valid): the critical indices in ascending order at LUT_LINE, their count at COUNT_AT
-    # and the marginal indicator at IND_LINE (through float32: Triton 3.6's interpreter casts
-    # integers to bfloat16 as raw bit patterns).
+    # and the marginal indicator at IND_LINE, zeros in its padding up to ind_width (through
+    # float32: Triton 3.6's interpreter casts integers to bfloat16 as raw bit patterns).
     critical = valid & (c == CRITICAL_C)
     slot = tl.cumsum(critical.to(tl.int32), 0) - 1
     tl.store(LUT_LINE + slot, idx, mask=critical)
     tl.store(COUNT_AT, tl.sum(critical.to(tl.int32)))
-    tl.store(IND_LINE + idx, (c == MARGINAL_C).to(tl.float32).to(IND_LINE.dtype.element_ty), mask=valid)
+    marginal = (valid & (c == MARGINAL_C)).to(tl.float32).to(IND_LINE.dtype.element_ty)
+    tl.store(IND_LINE + idx, marginal, mask=idx < ind_width)
 
 
 @triton.jit
@@ -137,7 +134,8 @@ def _sla_classify_kernel(
 
     cls = tl.where(critical, CRITICAL_C, tl.where(negligible, NEGLIGIBLE_C, MARGINAL_C)).to(tl.int8)
     tl.store(CLS + row * Mk + idx, cls, mask=valid)
-    _store_tables(cls, idx, valid, LUT + row * n_critical, COUNT + row, IND + row * stride_ind_row)
+    _store_tables(cls, idx, valid, LUT + row * n_critical, COUNT + row, IND + row * stride_ind_row,
+                  stride_ind_row)
 
 
 @triton.jit
@@ -158,13 +156,15 @@ def _sla_tables_kernel(
         idx = tl.arange(0, BLOCK_ROW)
         valid = idx < Mk
         c = tl.load(cls + r * Mk + idx, mask=valid, other=NEGLIGIBLE_C)
-        _store_tables(c, idx, valid, LUT + line * Mk, COUNT + line, IND + line * stride_ind_row)
+        _store_tables(c, idx, valid, LUT + line * Mk, COUNT + line, IND + line * stride_ind_row,
+                      stride_ind_row)
     if r < Mk:
         line = pid_bh * Mk + r
         idx = tl.arange(0, BLOCK_COL)
         valid = idx < Mq
         c = tl.load(cls + idx * Mk + r, mask=valid, other=NEGLIGIBLE_C)
-        _store_tables(c, idx, valid, T_LUT + line * Mq, T_COUNT + line, T_IND + line * stride_t_ind_row)
+        _store_tables(c, idx, valid, T_LUT + line * Mq, T_COUNT + line,
+                      T_IND + line * stride_t_ind_row, stride_t_ind_row)
 
 
 @dataclass(frozen=True)
@@ -193,10 +193,12 @@ def block_scores(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int,
     B, H, Mq, D = q_means.shape
     Mk = k_sums.shape[2]
     scores = torch.empty(B, H, Mq, Mk, device=q_means.device, dtype=torch.float32)
+    # the mean of k over all n_keys keys, (B, H, D): one small deterministic reduction
+    k_mean = (k_sums.sum(dim=2) / n_keys).contiguous()
     block_r = min(64, max(16, triton.next_power_of_2(Mq)))
     block_c = min(64, max(16, triton.next_power_of_2(Mk)))
     _sla_block_scores_kernel[(triton.cdiv(Mq, block_r), triton.cdiv(Mk, block_c), B * H)](
-        q_means, k_sums, scores, n_keys, Mq, Mk, config.block_k,
+        q_means, k_sums, k_mean, scores, n_keys, Mq, Mk, config.block_k,
         BLOCK_R=block_r, BLOCK_C=block_c, D=D, num_warps=4,
     )
     return scores

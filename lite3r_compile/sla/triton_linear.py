@@ -214,8 +214,11 @@ def _marginal_sum_kernel(
     x_base = X + pid_bh * C * E + cols[None, :]
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        a = tl.load(ind_base + cs[None, :], mask=(rows < R)[:, None] & (cs < C)[None, :],
-                    other=0.0)
+        # The indicator's rows are padded with zeros to stride_ind_row, a multiple of 16
+        # (empty_indicator): masking there instead of at C keeps the mask constant over
+        # 16-column runs, so the loads are vectorised.
+        a = tl.load(ind_base + cs[None, :],
+                    mask=(rows < R)[:, None] & (cs < stride_ind_row)[None, :], other=0.0)
         x = tl.load(x_base + cs[:, None] * E, mask=(cs < C)[:, None] & (cols < E)[None, :],
                     other=0.0)
         acc = mma_acc(a, x, acc, DOT)
@@ -225,10 +228,10 @@ def _marginal_sum_kernel(
 
 def empty_indicator(B: int, H: int, R: int, C: int, dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
-    """An uninitialised (B, H, R, C) indicator whose rows are padded to 16 bytes, so that the
-    kernel's tile loads are aligned. The block-map kernels fill it."""
-    per_16_bytes = 128 // torch.finfo(dtype).bits
-    padded = triton.cdiv(C, per_16_bytes) * per_16_bytes
+    """An uninitialised (B, H, R, C) view of an indicator whose rows are padded to a multiple of
+    16 columns, so that the product's tile loads are aligned and need no mask at C. The
+    block-map kernels fill it, the padding with zeros."""
+    padded = triton.cdiv(C, 16) * 16
     return torch.empty(B, H, R, padded, device=device, dtype=dtype)[..., :C]
 
 
@@ -238,11 +241,14 @@ def marginal_sum(indicator: torch.Tensor, x: torch.Tensor, dot: int,
     states x summed over the marginal pairs (float32 accumulation). With the forward indicator
     (R, C) = (Mq, Mk) this sums each query block's marginal key blocks; with the transposed one
     it sends query-block gradients back to the key blocks. ``dot`` is the operand precision
-    (DOT_* code); the 0/1 indicator is exact in every one of them.
+    (DOT_* code); the 0/1 indicator is exact in every one of them. The indicator's columns
+    past C, up to its row stride, are read and must be zeros (as :func:`empty_indicator` and the
+    block-map kernels leave them, or a contiguous indicator, which has none).
     """
     B, H, R, C = indicator.shape
     E = x.shape[-1]
     assert indicator.stride(3) == 1 and indicator.stride(1) == R * indicator.stride(2)
+    assert indicator.stride(2) >= C
     out = torch.empty(B, H, R, E, device=x.device, dtype=out_dtype)
     # Tiles no larger than the problem: frame attention has only ~22 blocks a side.
     block_r = min(128 if x.is_cuda else 16, max(16, triton.next_power_of_2(R)))
