@@ -47,9 +47,12 @@ LAUNCH_CONFIGS = [(4, 3), (4, 4), (8, 2), (8, 3), (8, 4)]
 
 def _with_launch(kernel, warps: int, stages: int):
     """The same jitted forward kernel fixed to one launch config (an autotuner of one choice
-    times nothing)."""
+    times nothing). Under the CPU interpreter the kernel is not autotuned: it is returned as it
+    is, launch configs mean nothing there."""
     import triton
 
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        return kernel
     return triton.autotune([triton.Config({}, num_warps=warps, num_stages=stages)],
                            key=[])(kernel.fn)
 

@@ -200,6 +200,44 @@ def test_sla_kernel_benchmark_calls_the_current_kernel_api():
     assert "block_statistics_ms" in done.stdout and done.stdout.strip().endswith("2 5")
 
 
+_SLA_FORWARD_VARIANTS = """
+import importlib.util, sys, torch
+sys.path.insert(0, sys.argv[2])
+spec = importlib.util.spec_from_file_location("sla_forward_variants", sys.argv[1])
+fv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fv)
+import sla_kernel as sk
+def qkv(batch, n, dtype, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 1, n, 64, generator=g).to(dtype) for _ in range(3)]
+fv._qkv = qkv
+fv._proj = lambda seed, zero: (torch.randn(64, 64) * 0.1, torch.randn(64))
+fv._bench = lambda fn: (fn(), 1.0)[1]
+fv.HEADS = 1
+from lite3r_compile.sla.config import SLAConfig
+config = SLAConfig(topk=0.3, block_q=64, block_k=64)
+times, inputs = fv.steps(300, config)
+assert times["marginal_sum_cublas_rel_err"] < 1e-2, times
+rows = fv.kernel_variants(300, config, inputs, [(4, 3)])
+by = {(r["exp"], r["pair"]): r for r in rows}
+# float32 exponentials run under the interpreter and match the reference; the packed ones are
+# PTX, reported as errors rather than crashing the run
+assert by[("f32", False)]["rel_err"] < 1e-2 and by[("f32", True)]["rel_err"] < 1e-2, rows
+assert "error" in by[("f16x2", False)], rows
+assert by[("default", None)]["variant"] == [0, False], rows
+print("ok", sorted(times))
+"""
+
+
+def test_sla_forward_variants_benchmark_runs_the_kernel_variants():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", _SLA_FORWARD_VARIANTS,
+                           str(BENCHMARKS / "sla_forward_variants.py"), str(BENCHMARKS)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("ok")
+
+
 def test_sla_kernel_results_are_rebuilt_from_a_log_cut_by_a_time_limit(tmp_path):
     sla_kernel = _script("sla_kernel")
     sla = {"fwd_ms": 2.0, "fwd_bwd_ms": 9.0, "fwd_graph_ms": 1.9, "kernel_tflops_on_computed_blocks": 300.0,

@@ -121,8 +121,9 @@ def _sla_block_stats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     FEATURE_MAP: tl.constexpr, DOT: tl.constexpr, POOL_Q: tl.constexpr,
 ):
-    # Program j of one (batch, head) summarises key block j (when j < Mk) and, with POOL_Q,
-    # query block j (when j < Mq): one launch reads k, v and q once each.
+    # Program j of one (batch, head) summarises key block j when j < Mk, and query block j - Mk
+    # otherwise (POOL_Q): one launch reads k, v and q once each, and a program's loads are all
+    # issued before any of its arithmetic, so that each has as many bytes in flight as it can.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -132,28 +133,28 @@ def _sla_block_stats_kernel(
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = (offs_n < Nk)[:, None]
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
-                    + offs_d[None, :] * stride_kd, mask=valid, other=0.0).to(tl.float32)
-        # The key-block sums the block scores are pooled from, while the tile is here.
-        tl.store(KSUM + (pid_bh.to(tl.int64) * Mk + pid) * D + offs_d, tl.sum(k, axis=0))
+                    + offs_d[None, :] * stride_kd, mask=valid, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
                     + offs_d[None, :] * stride_vd, mask=valid, other=0.0)
+        k = k.to(tl.float32)
+        # The key-block sums the block scores are pooled from, while the tile is here.
+        tl.store(KSUM + (pid_bh.to(tl.int64) * Mk + pid) * D + offs_d, tl.sum(k, axis=0))
         # Padded rows must not enter the state: phi(0) is not 0 for softmax or elu + 1.
         phi = tl.where(valid, feature_map(k, FEATURE_MAP), 0.0)
         state = mma(tl.trans(phi), v, DOT)
         out = HZ + (pid_bh.to(tl.int64) * Mk + pid) * (D * D + D)
         tl.store(out + offs_d[:, None] * D + offs_d[None, :], state.to(HZ.dtype.element_ty))
         tl.store(out + D * D + offs_d, tl.sum(phi, axis=0).to(HZ.dtype.element_ty))
-    if POOL_Q:
-        if pid < Mq:
-            # The mean of q over the query block's real rows: the last block of a ragged
-            # sequence divides by its own row count, not by BLOCK_M.
-            offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-            x = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-                        + offs_d[None, :] * stride_qd, mask=(offs_m < Nq)[:, None],
-                        other=0.0).to(tl.float32)
-            count = tl.minimum(Nq - pid * BLOCK_M, BLOCK_M).to(tl.float32)
-            tl.store(QMEAN + (pid_bh.to(tl.int64) * Mq + pid) * D + offs_d,
-                     tl.sum(x, axis=0) / count)
+    elif POOL_Q:
+        # The mean of q over the query block's real rows: the last block of a ragged sequence
+        # divides by its own row count, not by BLOCK_M.
+        i = pid - Mk
+        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        x = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                    + offs_d[None, :] * stride_qd, mask=(offs_m < Nq)[:, None], other=0.0)
+        count = tl.minimum(Nq - i * BLOCK_M, BLOCK_M).to(tl.float32)
+        tl.store(QMEAN + (pid_bh.to(tl.int64) * Mq + i) * D + offs_d,
+                 tl.sum(x.to(tl.float32), axis=0) / count)
 
 
 def block_statistics(
@@ -178,7 +179,7 @@ def block_statistics(
         Mq = triton.cdiv(Nq, config.block_q)
         q_means = torch.empty(B, H, Mq, D, device=q.device, dtype=torch.float32)
         q_arg, q_strides = q, q.stride()
-    _sla_block_stats_kernel[(max(Mq, Mk), B * H)](
+    _sla_block_stats_kernel[(Mk + Mq, B * H)](
         q_arg, k, v, states, k_sums, k_sums if q_means is None else q_means,
         *q_strides, *k.stride(), *v.stride(), H, Nq, Nk, Mq, Mk,
         BLOCK_M=config.block_q, BLOCK_N=config.block_k, D=D,
