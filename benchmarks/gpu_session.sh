@@ -36,7 +36,7 @@ export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 
 declare -A LIMIT=(
-    [tests]=240 [overhead]=240 [kernels]=300 [quant]=200 [upsample]=150 [distill]=480 [e2e]=540 [whole]=420 [whole1]=560
+    [tests]=240 [overhead]=240 [kernels]=300 [variants]=360 [quant]=200 [upsample]=150 [distill]=480 [e2e]=540 [whole]=420 [whole1]=560
     [teacher]=570 [quality]=540
 )
 
@@ -50,6 +50,7 @@ stage() {
     tests) python -m pytest -m gpu -q -n 4 -p no:cacheprovider tests ;;
     overhead) python benchmarks/compile_overhead.py --out "$dir" ;;
     kernels) python benchmarks/sla_kernel.py --out "$dir" ;;
+    variants) python benchmarks/sla_forward_variants.py --frames 8 32 --out "$dir" ;;
     quant) python benchmarks/fp8_quant.py --frames 8 32 --layernorm --out "$dir" ;;
     upsample) python benchmarks/upsample.py --sources --out "$dir" ;;
     distill) python benchmarks/distill.py --model vggt-1b --frames 8 --steps 200 --full-steps 20 \

@@ -5,11 +5,16 @@ Shapes: bf16, H=16, D=64, global attention over frames x 1374 tokens, 128x64 blo
 size the script times (median of triton's do_bench, CUDA events):
 
 - the steps before the fused kernel: block statistics, block scores, classification, the
-  marginal sums of the states (the Triton kernel, and the same product through cuBLAS);
-- the fused kernel in every variant: exponential (float32, packed float16, packed bfloat16) x
-  one or two key blocks a step x launch config (warps, stages), with its error against the
-  float32 reference on the same block classes;
+  marginal sums of the states (the Triton kernel, and the same product through cuBLAS), each
+  launched from Python and replayed from a CUDA graph (``*_graph_ms``: GPU time alone; a
+  model compiled with CUDA graphs sees these);
+- the fused kernel at every launch config (warps, stages) and autotuned, with its error against
+  the float32 reference on the same block classes;
 - FlexAttention on the same critical blocks (forward), the peer of issue 3.
+
+Session 14 also timed kernel variants here that lost and were removed (packed float16 and
+bfloat16 exponentials, two key blocks a step; commit 11aa277 has them, benchmarks/NOTES.md the
+numbers).
 
 FLOPs on the computed blocks: 4 * N * (critical blocks * 64) * D * H. Writes
 ``sla_forward_variants.json`` under --out and prints a table.
@@ -35,6 +40,7 @@ from sla_kernel import (  # noqa: E402
     HEADS,
     TOKENS_PER_FRAME,
     _bench,
+    _bench_graph,
     _proj,
     _qkv,
     _reference_o_fp32,
@@ -72,22 +78,26 @@ def steps(n: int, config) -> tuple[dict, tuple]:
         block_map.marginal, key_states, dot=triton_linear.DOT_BF16, out_dtype=torch.bfloat16)
     states = marginal()
     cublas = torch.matmul(block_map.marginal, key_states)
-    times = {
-        "block_statistics_ms": _bench(stats),
-        "block_scores_ms": _bench(scores),
-        "block_map_ms": _bench(block_map_fn),
-        "marginal_sum_ms": _bench(marginal),
-        "marginal_sum_cublas_ms": _bench(lambda: torch.matmul(block_map.marginal, key_states)),
-        "marginal_sum_cublas_rel_err": _rel(cublas, states),
-    }
-    times["classify_ms"] = times["block_map_ms"] - times["block_scores_ms"]
-    times["non_kernel_ms"] = (times["block_statistics_ms"] + times["block_map_ms"]
-                              + times["marginal_sum_ms"])
+    named = {"block_statistics": stats, "block_scores": scores, "block_map": block_map_fn,
+             "marginal_sum": marginal,
+             "marginal_sum_cublas": lambda: torch.matmul(block_map.marginal, key_states)}
+    times = {}
+    for name, fn in named.items():
+        times[f"{name}_ms"] = _bench(fn)
+        times[f"{name}_graph_ms"] = _bench_graph(fn)
+    times["marginal_sum_cublas_rel_err"] = _rel(cublas, states)
+    for suffix in ("_ms", "_graph_ms"):
+        times["classify" + suffix] = times["block_map" + suffix] - times["block_scores" + suffix]
+        times["non_kernel" + suffix] = (times["block_statistics" + suffix]
+                                        + times["block_map" + suffix]
+                                        + times["marginal_sum" + suffix])
     return times, (q, k, v, block_map, states)
 
 
-def kernel_variants(n: int, config, inputs, launch_configs) -> list[dict]:
-    from lite3r_compile.sla import reference, triton_attention, triton_sla
+def kernel_configs(n: int, config, inputs, launch_configs) -> list[dict]:
+    """The fused kernel at each (warps, stages) of ``launch_configs``, then autotuned as the
+    operator runs it: time, TFLOP/s on the computed blocks, error against the float32 reference."""
+    from lite3r_compile.sla import reference, triton_sla
 
     q, k, v, block_map, states = inputs
     w, b = _proj(3, zero=False)
@@ -98,38 +108,29 @@ def kernel_variants(n: int, config, inputs, launch_configs) -> list[dict]:
     del ref_in
     n_critical = block_map.critical_lut.shape[-1]
     flops = 4.0 * HEADS * n * min(n, n_critical * config.block_k) * HEAD_DIM
-    tuned = triton_sla._sla_fwd_kernel
-    rows = []
-    exps = {"f32": triton_attention.EXP_F32, "f16x2": triton_attention.EXP_F16X2,
-            "bf16x2": triton_attention.EXP_BF16X2}
-    try:
-        for (exp_name, exp), pair, (warps, stages) in itertools.product(
-                exps.items(), (False, True), launch_configs):
-            triton_sla._sla_fwd_kernel = _with_launch(tuned, warps, stages)
-            row = {"exp": exp_name, "pair": pair, "num_warps": warps, "num_stages": stages}
-            try:
-                run = lambda: triton_sla.attention_forward(  # noqa: E731
-                    q, k, v, block_map, states, w, b, scale, config, False, exp=exp, pair=pair)
-                o = run()[0]
-                row["rel_err"] = _rel(o, o_ref)
-                row["ms"] = _bench(run)
-                row["tflops"] = flops / row["ms"] * 1e-9
-            except Exception as error:  # a config that does not fit is a result, not a crash
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            print(f"  N={n} {json.dumps(row)}", flush=True)
-            rows.append(row)
-    finally:
-        triton_sla._sla_fwd_kernel = tuned
-    row = {"exp": "default", "pair": None, "autotuned": True,
-           "variant": list(triton_sla.forward_variant(q, config))}
     run = lambda: triton_sla.attention_forward(  # noqa: E731
         q, k, v, block_map, states, w, b, scale, config, False)
-    row["rel_err"] = _rel(run()[0], o_ref)
-    row["ms"] = _bench(run)
-    row["tflops"] = flops / row["ms"] * 1e-9
-    row["bf16_rounding_of_reference"] = _rel(o_ref.to(torch.bfloat16), o_ref)
-    print(f"  N={n} {json.dumps(row)}", flush=True)
-    rows.append(row)
+
+    def measure(row: dict) -> dict:
+        try:
+            row["rel_err"] = _rel(run()[0], o_ref)
+            row["ms"] = _bench(run)
+            row["tflops"] = flops / row["ms"] * 1e-9
+        except Exception as error:  # a config that does not fit is a result, not a crash
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        print(f"  N={n} {json.dumps(row)}", flush=True)
+        return row
+
+    tuned = triton_sla._sla_fwd_kernel
+    rows = []
+    try:
+        for warps, stages in launch_configs:
+            triton_sla._sla_fwd_kernel = _with_launch(tuned, warps, stages)
+            rows.append(measure({"num_warps": warps, "num_stages": stages}))
+    finally:
+        triton_sla._sla_fwd_kernel = tuned
+    rows.append(measure({"autotuned": True,
+                         "bf16_rounding_of_reference": _rel(o_ref.to(torch.bfloat16), o_ref)}))
     return rows
 
 
@@ -137,8 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[32])
     parser.add_argument("--topk", type=float, default=0.1)
-    parser.add_argument("--variant-frames", type=int, nargs="*", default=[32],
-                        help="sizes at which every kernel variant is timed (others: steps only)")
+    parser.add_argument("--config-frames", type=int, nargs="*", default=[32],
+                        help="sizes at which every launch config is timed (others: autotuned only)")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -157,8 +158,8 @@ def main() -> None:
         times, inputs = steps(n, config)
         print(f"N={n} steps {json.dumps(times)}", flush=True)
         entry = {"frames": frames, "N": n, "steps": times}
-        if frames in args.variant_frames:
-            entry["kernel"] = kernel_variants(n, config, inputs, LAUNCH_CONFIGS)
+        entry["kernel"] = kernel_configs(n, config, inputs,
+                                         LAUNCH_CONFIGS if frames in args.config_frames else [])
         del inputs
         torch.cuda.empty_cache()
         if not args.no_flex:
@@ -167,17 +168,18 @@ def main() -> None:
         result["sizes"].append(entry)
         path.write_text(json.dumps(result, indent=1))
 
-    print("\n| N | variant | warps, stages | ms | TF/s | rel. err |\n|---|---|---|---|---|---|")
+    print("\n| N | kernel: warps, stages | ms | TF/s | rel. err | non-kernel ms (graph) | Flex ms |")
+    print("|---|---|---|---|---|---|---|")
     for entry in result["sizes"]:
-        for row in sorted((r for r in entry.get("kernel", []) if "ms" in r),
-                          key=lambda r: r["ms"])[:12]:
-            print(f"| {entry['N']} | {row['exp']}{' pair' if row.get('pair') else ''} | "
-                  f"{row.get('num_warps', 'auto')}, {row.get('num_stages', '')} | "
-                  f"{row['ms']:.3f} | {row['tflops']:.0f} | {row['rel_err']:.2e} |")
-        print(f"| {entry['N']} | steps | | non-kernel {entry['steps']['non_kernel_ms']:.3f} | | |")
-        if "fwd_ms" in entry.get("flex", {}):
-            print(f"| {entry['N']} | FlexAttention | | {entry['flex']['fwd_ms']:.3f} | "
-                  f"{entry['flex']['tflops_on_computed_blocks']:.0f} | |")
+        steps_ = entry["steps"]
+        flex = entry.get("flex", {}).get("fwd_ms")
+        for row in entry["kernel"]:
+            if "ms" not in row:
+                continue
+            launch = "autotuned" if row.get("autotuned") else f"{row['num_warps']}, {row['num_stages']}"
+            print(f"| {entry['N']} | {launch} | {row['ms']:.3f} | {row['tflops']:.0f} | "
+                  f"{row['rel_err']:.2e} | {steps_['non_kernel_ms']:.3f} "
+                  f"({steps_['non_kernel_graph_ms']:.3f}) | {flex if flex is None else f'{flex:.3f}'} |")
 
 
 if __name__ == "__main__":

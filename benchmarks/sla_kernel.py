@@ -223,6 +223,9 @@ def time_sla(batch: int, n: int, topk: float, block_q: int, block_k: int) -> dic
         "kernel_tflops_on_computed_blocks": flops / t_kernel * 1e-9,
         "overhead_fraction": (t_map + t_states) / t_fwd,
         "non_kernel_fraction": 1.0 - t_kernel / t_fwd,
+        # the same from the forward replayed from a CUDA graph: no Python launch time between
+        # the steps, as in a model compiled with CUDA graphs
+        "non_kernel_fraction_graph": 1.0 - t_kernel / t_fwd_graph,
         "steps": steps,
         "steps_error": steps_error,
     }
@@ -367,7 +370,8 @@ def result_from_log(path: Path, device: str) -> dict:
 def summary_table(result: dict) -> str:
     lines = [f"{'scope':6} {'blk':7} {'N':>6} {'B':>2} {'topk':>5} | {'sdpa f':>7} {'sla f':>7} "
              f"{'x':>5} {'flex f':>7} {'x/flex':>6} | {'sdpa fb':>8} {'sla fb':>7} {'x':>5} "
-             f"{'flex fb':>7} | {'TF/s':>4} {'ovh%':>4} | {'sdpa g':>7} {'sla g':>7} {'x':>5}"]
+             f"{'flex fb':>7} | {'TF/s':>4} {'ovh%':>4} {'nk%g':>4} | {'sdpa g':>7} {'sla g':>7} "
+             f"{'x':>5}"]
     for row in result["sweep"]:
         sla, sdpa, flex = row["sla"], row.get("sdpa"), row.get("flex")
         flex = flex if flex and "fwd_ms" in flex else None
@@ -383,7 +387,8 @@ def summary_table(result: dict) -> str:
                      f"{sdpa['fwd_bwd_ms'] / sla['fwd_bwd_ms'] if sdpa else float('nan'):5.1f} "
                      f"{flex.get('fwd_bwd_ms', float('nan')) if flex else float('nan'):7.2f} |")
         cells.append(f"{sla['kernel_tflops_on_computed_blocks']:4.0f} "
-                     f"{100 * sla['overhead_fraction']:4.1f} |")
+                     f"{100 * sla['overhead_fraction']:4.1f} "
+                     f"{100 * sla.get('non_kernel_fraction_graph', float('nan')):4.1f} |")
         sdpa_g = sdpa.get("fwd_graph_ms", float("nan")) if sdpa else float("nan")
         sla_g = sla.get("fwd_graph_ms", float("nan"))
         cells.append(f"{sdpa_g:7.3f} {sla_g:7.3f} {sdpa_g / sla_g:5.1f}")

@@ -31,49 +31,7 @@ _ATTENTION_CONFIGS = [
     triton.Config({}, num_warps=w, num_stages=s)
     for w, s in ((4, 3), (4, 4), (8, 3), (8, 2))
 ]
-_ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE", "EXP", "PAIR"]
-
-# How the forward computes p = 2^x, x = scaled score minus the running row max (<= 0):
-# EXP_F32 one ex2.approx.f32 per element; EXP_F16X2 x rounded to float16 and two elements per
-# ex2.approx.f16x2 instruction (the special-function unit's rate doubles; at head dim 64 it is
-# as busy as the tensor cores); EXP_BF16X2 the same with bfloat16 x (ex2.approx.ftz.bf16x2).
-# The packed forms exist only as PTX, not under the CPU interpreter.
-EXP_F32, EXP_F16X2, EXP_BF16X2 = 0, 1, 2
-
-
-@triton.jit
-def _exp2(x, EXP: tl.constexpr):
-    """2^x for float32 x <= 0 (-inf gives 0), in float32 (EXP_F32) or in the 16-bit type whose
-    packed instruction computes it."""
-    if EXP == 0:
-        return tl.exp2(x)
-    elif EXP == 1:
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r",
-                                         [x.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True,
-                                         pack=2)
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, col_ok,
-                         MASK: tl.constexpr, DOT: tl.constexpr, EXP: tl.constexpr):
-    """One step of the online softmax over the keys k, v (BLOCK, D): returns the running row max
-    m_i (log2 units), row sum l_i and unnormalised output acc updated with these keys. The max is
-    taken on the raw scores (qk_scale > 0), so scaling and subtracting it is one fused multiply-add
-    per score."""
-    s = mma(q, tl.trans(k), DOT)
-    if MASK:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    # Every step holds at least one valid key and every query block at least one critical key
-    # block, so m_new is finite from the first step on.
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-    p = _exp2(s * qk_scale - m_new[:, None], EXP)
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
-    acc = mma_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT)
-    return m_new, l_i, acc
+_ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE"]
 
 
 @tuned(_ATTENTION_CONFIGS, _ATTENTION_KEY)
@@ -86,7 +44,7 @@ def _sla_fwd_kernel(
     H, Nq, Nk, Mq, c_max, scale, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     FEATURE_MAP: tl.constexpr, DOT: tl.constexpr, LIN_DOT: tl.constexpr,
-    EVEN_N: tl.constexpr, SAVE: tl.constexpr, EXP: tl.constexpr, PAIR: tl.constexpr,
+    EVEN_N: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -108,37 +66,28 @@ def _sla_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    n_single = n_critical
-    if PAIR:
-        # Two critical key blocks per step, gathered into one (2 BLOCK_N, D) tile: the per-step
-        # work of the online softmax (row max, rescaling acc) is paid once per 2 BLOCK_N keys.
-        offs_p = tl.arange(0, 2 * BLOCK_N)
-        second = offs_p >= BLOCK_N
-        within = offs_p - second.to(tl.int32) * BLOCK_N
-        for t in range(0, n_critical - 1, 2):
-            offs_n = tl.where(second, tl.load(lut + t + 1), tl.load(lut + t)) * BLOCK_N + within
-            col_ok = offs_n < Nk
-            if EVEN_N:
-                k = tl.load(k_base + offs_n[:, None] * stride_kn)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn)
-            else:
-                k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, col_ok,
-                                                 not EVEN_N, DOT, EXP)
-        n_single = n_critical % 2
-        lut += n_critical - n_single
-    for t in range(n_single):
+    for t in range(n_critical):
         offs_n = tl.load(lut + t) * BLOCK_N + offs_n0
-        col_ok = offs_n < Nk
         if EVEN_N:
             k = tl.load(k_base + offs_n[:, None] * stride_kn)
             v = tl.load(v_base + offs_n[:, None] * stride_vn)
         else:
+            col_ok = offs_n < Nk
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, col_ok,
-                                             not EVEN_N, DOT, EXP)
+        s = mma(q, tl.trans(k), DOT)
+        if not EVEN_N:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        # The max is taken on the raw scores (qk_scale > 0), so that scaling a score and
+        # subtracting the max is one fused multiply-add. Every key block holds at least one
+        # valid key and every query block at least one critical key block, so m_new is finite
+        # from the first step on.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = mma_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+        m_i = m_new
     o_s = acc / l_i[:, None]
 
     # Linear branch over this query block's marginal key blocks, then the projection.

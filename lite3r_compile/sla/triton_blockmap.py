@@ -40,20 +40,20 @@ NEGLIGIBLE_C: tl.constexpr = tl.constexpr(NEGLIGIBLE)
 
 @triton.jit
 def _sla_block_scores_kernel(
-    QMEAN, KSUM, KMEAN, SCORES,
+    QMEAN, KSUM, KTOTAL, SCORES,
     Nk, Mq, Mk, block_k,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
 ):
-    # SCORES[bh, rows, cols] = pooled_q[rows] @ pooled_k[cols]^T for one (BLOCK_R, BLOCK_C) tile,
-    # with the mean of k over all keys given per (batch, head): re-deriving it in every program
-    # from the (Mk, D) key-block sums made each one read all of them, so the kernel's reads grew
-    # as Mk^2 (benchmarks/NOTES.md, session 14).
+    # SCORES[bh, rows, cols] = pooled_q[rows] @ pooled_k[cols]^T for one (BLOCK_R, BLOCK_C) tile.
+    # The sum of k over all keys comes per (batch, head) in KTOTAL: re-deriving it in every
+    # program from the (Mk, D) key-block sums made each one read all of them, so the kernel's
+    # reads grew as Mk^2.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, D)
     k_sums = KSUM + pid_bh * Mk * D
-    k_mean = tl.load(KMEAN + pid_bh * D + offs_d)
+    k_mean = tl.load(KTOTAL + pid_bh * D + offs_d) / Nk
 
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < Mk
@@ -193,12 +193,12 @@ def block_scores(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int,
     B, H, Mq, D = q_means.shape
     Mk = k_sums.shape[2]
     scores = torch.empty(B, H, Mq, Mk, device=q_means.device, dtype=torch.float32)
-    # the mean of k over all n_keys keys, (B, H, D): one small deterministic reduction
-    k_mean = (k_sums.sum(dim=2) / n_keys).contiguous()
+    # the sum of k over all keys, (B, H, D): one small deterministic reduction
+    k_total = k_sums.sum(dim=2)
     block_r = min(64, max(16, triton.next_power_of_2(Mq)))
     block_c = min(64, max(16, triton.next_power_of_2(Mk)))
     _sla_block_scores_kernel[(triton.cdiv(Mq, block_r), triton.cdiv(Mk, block_c), B * H)](
-        q_means, k_sums, k_mean, scores, n_keys, Mq, Mk, config.block_k,
+        q_means, k_sums, k_total, scores, n_keys, Mq, Mk, config.block_k,
         BLOCK_R=block_r, BLOCK_C=block_c, D=D, num_warps=4,
     )
     return scores

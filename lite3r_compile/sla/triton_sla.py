@@ -31,8 +31,6 @@ import triton
 from lite3r_compile.sla.config import SLAConfig
 from lite3r_compile.sla.reference import LINEAR_DENOMINATOR_EPS
 from lite3r_compile.sla.triton_attention import (
-    EXP_F16X2,
-    EXP_F32,
     _sla_bwd_dkdv_kernel,
     _sla_bwd_dq_kernel,
     _sla_fwd_kernel,
@@ -49,9 +47,6 @@ from lite3r_compile.sla.triton_linear import (
 )
 
 HEAD_DIMS = (16, 32, 64, 128)
-# The forward kernel's variant (benchmarks/NOTES.md, session 14, measured them on an H200).
-USE_PACKED_EXP = False
-PAIR_KEY_BLOCKS = False
 
 
 def forward(
@@ -93,14 +88,10 @@ def attention_forward(
     scale: float,
     config: SLAConfig,
     save_for_backward: bool,
-    exp: int | None = None,
-    pair: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention kernel alone, given the block map and the marginal sums of the
     linear-branch states (B, H, Mq, D*D + D): (o, o_l, lse) as in ``forward`` (the benchmark
-    times it apart from the other steps). ``exp`` (an ``EXP_*`` code of triton_attention) and
-    ``pair`` (two key blocks per step) choose the kernel's variant; None takes
-    :func:`forward_variant`'s."""
+    times it apart from the other steps)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     o = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
@@ -112,7 +103,6 @@ def attention_forward(
         o_l = torch.empty(0, device=q.device, dtype=torch.float32)
         lse = torch.empty(0, device=q.device, dtype=torch.float32)
     Mq = block_map.block_class.shape[2]
-    default_exp, default_pair = forward_variant(q, config)
     _sla_fwd_kernel[(Mq, B * H)](
         q, k, v, block_map.critical_lut, block_map.critical_count, states,
         proj_weight.float().contiguous(), proj_bias.float().contiguous(), o, o_l, lse,
@@ -121,18 +111,8 @@ def attention_forward(
         BLOCK_M=config.block_q, BLOCK_N=config.block_k, D=D,
         FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map], DOT=DOT_CODES[q.dtype],
         LIN_DOT=_linear_dot(q), EVEN_N=Nk % config.block_k == 0, SAVE=save_for_backward,
-        EXP=default_exp if exp is None else exp, PAIR=default_pair if pair is None else pair,
     )
     return o, o_l, lse
-
-
-def forward_variant(q: torch.Tensor, config: SLAConfig) -> tuple[int, bool]:
-    """The fused forward kernel's (exp, pair) for q and config: the packed float16 exponential
-    only for half-precision inputs on a GPU (float32 inputs keep exact ``ex2.approx.f32``; the CPU
-    interpreter has no PTX); two key blocks per step when the blocks are at most 64 keys wide."""
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    exp = EXP_F16X2 if half and USE_PACKED_EXP and not triton.knobs.runtime.interpret else EXP_F32
-    return exp, PAIR_KEY_BLOCKS and config.block_k <= 64
 
 
 def backward(
