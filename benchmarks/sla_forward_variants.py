@@ -1,5 +1,6 @@
-"""The SLA forward, piece by piece, to choose the fused kernel's variant and find the block map's
-cost (issue 3: the operator against FlexAttention, and the block map plus linear branch under 15%).
+"""The SLA forward, piece by piece: the cost of each step before the fused kernel, and the kernel at
+each launch config (issue 3: the operator against FlexAttention, and the block map plus linear
+branch under 15%).
 
 Shapes: bf16, H=16, D=64, global attention over frames x 1374 tokens, 128x64 blocks. For each
 size the script times (median of triton's do_bench, CUDA events):
@@ -25,7 +26,6 @@ FLOPs on the computed blocks: 4 * N * (critical blocks * 64) * D * H. Writes
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path

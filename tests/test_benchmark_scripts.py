@@ -206,7 +206,6 @@ sys.path.insert(0, sys.argv[2])
 spec = importlib.util.spec_from_file_location("sla_forward_variants", sys.argv[1])
 fv = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fv)
-import sla_kernel as sk
 def qkv(batch, n, dtype, seed, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 1, n, 64, generator=g).to(dtype) for _ in range(3)]
