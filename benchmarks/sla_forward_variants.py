@@ -9,8 +9,10 @@ size the script times (median of triton's do_bench, CUDA events):
   marginal sums of the states (the Triton kernel, and the same product through cuBLAS), each
   launched from Python and replayed from a CUDA graph (``*_graph_ms``: GPU time alone; a
   model compiled with CUDA graphs sees these);
-- the fused kernel at every launch config (warps, stages) and autotuned, with its error against
-  the float32 reference on the same block classes;
+- the fused kernel at every launch config (warps, stages) and autotuned, key blocks loaded
+  through pointers and through TMA tensor descriptors (and, with --warp-specialize, TMA with
+  Triton's automatic warp specialisation of the loop), with its error against the float32
+  reference on the same block classes;
 - FlexAttention on the same critical blocks (forward), the peer of issue 3.
 
 Session 14 also timed kernel variants here that lost and were removed (packed float16 and
@@ -51,20 +53,29 @@ from sla_kernel import (  # noqa: E402
 LAUNCH_CONFIGS = [(4, 3), (4, 4), (8, 2), (8, 3), (8, 4)]
 
 
-def _with_launch(kernel, warps: int, stages: int):
+def _with_launch(kernel, warps: int, stages: int, warp_specialize: bool = False):
     """The same jitted forward kernel fixed to one launch config (an autotuner of one choice
-    times nothing). Under the CPU interpreter the kernel is not autotuned: it is returned as it
-    is, launch configs mean nothing there."""
+    times nothing), its key-block loop optionally warp-specialised. Under the CPU interpreter
+    the kernel is not autotuned: it is returned as it is, launch configs mean nothing there."""
     import triton
 
     if not isinstance(kernel, triton.runtime.Autotuner):
         return kernel
-    return triton.autotune([triton.Config({}, num_warps=warps, num_stages=stages)],
-                           key=[])(kernel.fn)
+    fixed = triton.autotune([triton.Config({}, num_warps=warps, num_stages=stages)],
+                            key=[])(kernel.fn)
+    if not warp_specialize:
+        return fixed
+
+    class _WarpSpecialized:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: fixed[grid](*args, WARP_SPECIALIZE=True, **kwargs)
+
+    return _WarpSpecialized()
 
 
-def steps(n: int, config) -> tuple[dict, tuple]:
-    """Times of the steps before the fused kernel; returns them and the inputs the kernel needs."""
+def steps(n: int, config, time_them: bool = True) -> tuple[dict, tuple]:
+    """Times of the steps before the fused kernel (none unless ``time_them``); returns them and
+    the inputs the kernel needs."""
     from lite3r_compile.sla import triton_blockmap, triton_linear
 
     q, k, v = _qkv(1, n, torch.bfloat16, seed=2)
@@ -82,6 +93,8 @@ def steps(n: int, config) -> tuple[dict, tuple]:
              "marginal_sum": marginal,
              "marginal_sum_cublas": lambda: torch.matmul(block_map.marginal, key_states)}
     times = {}
+    if not time_them:
+        return times, (q, k, v, block_map, states)
     for name, fn in named.items():
         times[f"{name}_ms"] = _bench(fn)
         times[f"{name}_graph_ms"] = _bench_graph(fn)
@@ -94,9 +107,11 @@ def steps(n: int, config) -> tuple[dict, tuple]:
     return times, (q, k, v, block_map, states)
 
 
-def kernel_configs(n: int, config, inputs, launch_configs) -> list[dict]:
-    """The fused kernel at each (warps, stages) of ``launch_configs``, then autotuned as the
-    operator runs it: time, TFLOP/s on the computed blocks, error against the float32 reference."""
+def kernel_configs(n: int, config, inputs, launch_configs, warp_specialize: bool) -> list[dict]:
+    """The fused kernel at each (warps, stages) of ``launch_configs``, key blocks loaded through
+    pointers and through TMA descriptors (and, with ``warp_specialize``, TMA with the loop
+    warp-specialised), then autotuned as the operator runs it: time, TFLOP/s on the computed
+    blocks, error against the float32 reference."""
     from lite3r_compile.sla import reference, triton_sla
 
     q, k, v, block_map, states = inputs
@@ -108,10 +123,9 @@ def kernel_configs(n: int, config, inputs, launch_configs) -> list[dict]:
     del ref_in
     n_critical = block_map.critical_lut.shape[-1]
     flops = 4.0 * HEADS * n * min(n, n_critical * config.block_k) * HEAD_DIM
-    run = lambda: triton_sla.attention_forward(  # noqa: E731
-        q, k, v, block_map, states, w, b, scale, config, False)
-
     def measure(row: dict) -> dict:
+        run = lambda: triton_sla.attention_forward(  # noqa: E731
+            q, k, v, block_map, states, w, b, scale, config, False, tma=row["tma"])
         try:
             row["rel_err"] = _rel(run()[0], o_ref)
             row["ms"] = _bench(run)
@@ -123,14 +137,18 @@ def kernel_configs(n: int, config, inputs, launch_configs) -> list[dict]:
 
     tuned = triton_sla._sla_fwd_kernel
     rows = []
+    loads = [(False, False), (True, False)] + ([(True, True)] if warp_specialize else [])
     try:
-        for warps, stages in launch_configs:
-            triton_sla._sla_fwd_kernel = _with_launch(tuned, warps, stages)
-            rows.append(measure({"num_warps": warps, "num_stages": stages}))
+        for tma, specialised in loads:
+            for warps, stages in launch_configs:
+                triton_sla._sla_fwd_kernel = _with_launch(tuned, warps, stages, specialised)
+                rows.append(measure({"tma": tma, "warp_specialize": specialised,
+                                     "num_warps": warps, "num_stages": stages}))
     finally:
         triton_sla._sla_fwd_kernel = tuned
-    rows.append(measure({"autotuned": True,
-                         "bf16_rounding_of_reference": _rel(o_ref.to(torch.bfloat16), o_ref)}))
+    rounding = _rel(o_ref.to(torch.bfloat16), o_ref)
+    for tma in (False, True):
+        rows.append(measure({"tma": tma, "autotuned": True, "bf16_rounding_of_reference": rounding}))
     return rows
 
 
@@ -140,7 +158,14 @@ def main() -> None:
     parser.add_argument("--topk", type=float, default=0.1)
     parser.add_argument("--config-frames", type=int, nargs="*", default=[32],
                         help="sizes at which every launch config is timed (others: autotuned only)")
+    parser.add_argument("--launch", nargs="*", default=[f"{w}x{s}" for w, s in LAUNCH_CONFIGS],
+                        help="launch configs WARPSxSTAGES timed at --config-frames")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--warp-specialize", action="store_true",
+                        help="also time TMA loads with the loop warp-specialised (Triton's "
+                             "Hopper pass may fail to compile it; run it in a process of its own)")
+    parser.add_argument("--no-steps", action="store_true",
+                        help="skip timing the steps before the fused kernel")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -148,6 +173,7 @@ def main() -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     config = SLAConfig(topk=args.topk, block_q=128, block_k=64)
+    launch = [tuple(int(x) for x in text.split("x")) for text in args.launch]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": " ".join(["python"] + sys.argv), "topk": args.topk,
               "block": [128, 64], "sizes": []}
@@ -155,11 +181,12 @@ def main() -> None:
     path = args.out / "sla_forward_variants.json"
     for frames in args.frames:
         n = frames * TOKENS_PER_FRAME
-        times, inputs = steps(n, config)
+        times, inputs = steps(n, config, time_them=not args.no_steps)
         print(f"N={n} steps {json.dumps(times)}", flush=True)
         entry = {"frames": frames, "N": n, "steps": times}
         entry["kernel"] = kernel_configs(n, config, inputs,
-                                         LAUNCH_CONFIGS if frames in args.config_frames else [])
+                                         launch if frames in args.config_frames else [],
+                                         args.warp_specialize)
         del inputs
         torch.cuda.empty_cache()
         if not args.no_flex:
@@ -168,18 +195,21 @@ def main() -> None:
         result["sizes"].append(entry)
         path.write_text(json.dumps(result, indent=1))
 
-    print("\n| N | kernel: warps, stages | ms | TF/s | rel. err | non-kernel ms (graph) | Flex ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| N | loads | kernel: warps, stages | ms | TF/s | rel. err | non-kernel ms (graph) | Flex ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for entry in result["sizes"]:
         steps_ = entry["steps"]
+        non_kernel = (f"{steps_['non_kernel_ms']:.3f} ({steps_['non_kernel_graph_ms']:.3f})"
+                      if steps_ else "")
         flex = entry.get("flex", {}).get("fwd_ms")
         for row in entry["kernel"]:
             if "ms" not in row:
                 continue
+            loads = ("TMA, warp-specialised" if row.get("warp_specialize")
+                     else "TMA" if row["tma"] else "pointers")
             launch = "autotuned" if row.get("autotuned") else f"{row['num_warps']}, {row['num_stages']}"
-            print(f"| {entry['N']} | {launch} | {row['ms']:.3f} | {row['tflops']:.0f} | "
-                  f"{row['rel_err']:.2e} | {steps_['non_kernel_ms']:.3f} "
-                  f"({steps_['non_kernel_graph_ms']:.3f}) | {flex if flex is None else f'{flex:.3f}'} |")
+            print(f"| {entry['N']} | {loads} | {launch} | {row['ms']:.3f} | {row['tflops']:.0f} | "
+                  f"{row['rel_err']:.2e} | {non_kernel} | {flex if flex is None else f'{flex:.3f}'} |")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,45 @@ def test_interpreted_indicator_padding_is_written_with_zeros(monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _forward_both_loads(q, k, v, w, b, scale, config):
+    """The fused kernel's (o, o_l, lse) with key blocks loaded through pointers and through TMA
+    descriptors, on the same block map and states."""
+    key_states, k_sums, q_means = block_statistics(q, k, v, config, torch.bfloat16)
+    block_map = build_block_map(q_means, k_sums, k.shape[2], config, torch.bfloat16)
+    states = marginal_sum(block_map.marginal, key_states, dot=2, out_dtype=torch.bfloat16)
+    return [triton_sla.attention_forward(q, k, v, block_map, states, w, b, scale, config, True,
+                                         tma=tma) for tma in (False, True)]
+
+
+@interpreter
+@pytest.mark.parametrize("shape_q, shape_k, blocks, layout_bnhd", [
+    ((1, 2, 130, 64), (1, 2, 150, 64), (128, 64), True),   # ragged keys, (B, N, H, D) storage
+    ((2, 1, 40, 32), (2, 1, 64, 32), (16, 32), False),     # even keys, batch > 1
+])
+def test_interpreted_tma_loads_equal_pointer_loads(shape_q, shape_k, blocks, layout_bnhd):
+    q, k, v, w, b, _ = _inputs(shape_q, shape_k, torch.float16, seed=11, layout_bnhd=layout_bnhd)
+    config = SLAConfig(topk=0.5, block_q=blocks[0], block_k=blocks[1])
+    assert triton_sla.tma_supported(k, v, require_gpu=False)
+    pointer, tma = _forward_both_loads(q, k, v, w, b, 0.125, config)
+    for got, want in zip(tma, pointer):
+        assert torch.equal(got, want)
+
+
+def test_tma_is_refused_where_descriptors_cannot_describe_the_inputs():
+    x = torch.randn(1, 1, 8, 32)
+    assert not triton_sla.tma_supported(x, x, require_gpu=False)  # float32
+    odd = torch.randn(1, 1, 8, 36, dtype=torch.float16)[..., :32]  # 72-byte rows
+    assert not triton_sla.tma_supported(odd, odd, require_gpu=False)
+    assert not triton_sla.tma_supported(x.half(), x.half())  # no GPU tensor
+    config = SLAConfig(topk=0.5, block_q=16, block_k=16)
+    key_states, k_sums, q_means = block_statistics(x, x, x, config, torch.float32)
+    block_map = build_block_map(q_means, k_sums, 8, config, torch.float32)
+    states = marginal_sum(block_map.marginal, key_states, dot=0)
+    with pytest.raises(ValueError, match="tma=True needs"):
+        triton_sla.attention_forward(x, x, x, block_map, states, torch.zeros(32, 32),
+                                     torch.zeros(32), 0.1, config, False, tma=True)
+
+
 def test_rejects_unsupported_inputs():
     q = torch.randn(1, 1, 8, 48)
     w, b = torch.zeros(48, 48), torch.zeros(48)
@@ -288,6 +327,18 @@ def test_gpu_matches_reference(dtype, n_q, n_k, d, blocks, feature_map):
     grads = triton_sla.backward(grad, q, k, v, o, o_l, lse, block_class, w, d**-0.5, config)
     for got, ref in zip(grads, [t.grad for t in ref_in]):
         assert _rel(got, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_q, n_k, d", [(3001, 2900, 64), (1374, 1374 * 4, 128)])
+def test_gpu_tma_loads_match_pointer_loads(n_q, n_k, d):
+    q, k, v, w, b, _ = _inputs((1, 4, n_q, d), (1, 4, n_k, d), torch.bfloat16, seed=n_k,
+                               layout_bnhd=True)
+    config = SLAConfig(topk=0.1, block_q=128, block_k=64)
+    assert triton_sla.tma_supported(k, v)
+    pointer, tma = _forward_both_loads(q, k, v, w, b, d**-0.5, config)
+    for got, want in zip(tma, pointer):
+        assert _rel(got, want) < 1e-6
 
 
 @pytest.mark.gpu

@@ -31,7 +31,7 @@ _ATTENTION_CONFIGS = [
     triton.Config({}, num_warps=w, num_stages=s)
     for w, s in ((4, 3), (4, 4), (8, 3), (8, 2))
 ]
-_ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE"]
+_ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE", "TMA"]
 
 
 @tuned(_ATTENTION_CONFIGS, _ATTENTION_KEY)
@@ -44,8 +44,12 @@ def _sla_fwd_kernel(
     H, Nq, Nk, Mq, c_max, scale, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     FEATURE_MAP: tl.constexpr, DOT: tl.constexpr, LIN_DOT: tl.constexpr,
-    EVEN_N: tl.constexpr, SAVE: tl.constexpr,
+    EVEN_N: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
+    # With TMA, K and V are tensor descriptors over (B, H, Nk, D) with (1, 1, BLOCK_N, D)
+    # blocks: the copy engine fetches each critical block (rows past Nk read as zeros), in place
+    # of BLOCK_N x D addresses computed and loaded by the threads.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -56,8 +60,9 @@ def _sla_fwd_kernel(
     row_ok = offs_m < Nq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    if not TMA:
+        k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+        v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
     slot = pid_bh.to(tl.int64) * Mq + pid_m
     lut = LUT + slot * c_max
     n_critical = tl.load(COUNT + slot)
@@ -66,13 +71,17 @@ def _sla_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    for t in range(n_critical):
-        offs_n = tl.load(lut + t) * BLOCK_N + offs_n0
-        if EVEN_N:
+    for t in tl.range(n_critical, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.load(lut + t) * BLOCK_N
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < Nk
+        if TMA:
+            k = K.load([pid_bh // H, pid_bh % H, start_n, 0]).reshape(BLOCK_N, D)
+            v = V.load([pid_bh // H, pid_bh % H, start_n, 0]).reshape(BLOCK_N, D)
+        elif EVEN_N:
             k = tl.load(k_base + offs_n[:, None] * stride_kn)
             v = tl.load(v_base + offs_n[:, None] * stride_vn)
         else:
-            col_ok = offs_n < Nk
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
         s = mma(q, tl.trans(k), DOT)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lite3r_compile.sla.config import SLAConfig
 from lite3r_compile.sla.reference import LINEAR_DENOMINATOR_EPS
@@ -88,10 +89,20 @@ def attention_forward(
     scale: float,
     config: SLAConfig,
     save_for_backward: bool,
+    tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention kernel alone, given the block map and the marginal sums of the
     linear-branch states (B, H, Mq, D*D + D): (o, o_l, lse) as in ``forward`` (the benchmark
-    times it apart from the other steps)."""
+    times it apart from the other steps).
+
+    ``tma`` loads the key blocks through tensor descriptors (the Hopper copy engine); None picks
+    it where :func:`tma_supported` holds."""
+    if tma is None:
+        tma = tma_supported(k, v)
+    elif tma and not tma_supported(k, v, require_gpu=False):
+        raise ValueError("lite3r_compile.sla.triton_sla.attention_forward: tma=True needs "
+                         "bfloat16/float16 k, v with a contiguous last dim and 16-byte aligned "
+                         f"strides, got {k.dtype} strides {k.stride()}, {v.stride()}")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     o = torch.empty(B, H, Nq, D, device=q.device, dtype=q.dtype)
@@ -103,16 +114,36 @@ def attention_forward(
         o_l = torch.empty(0, device=q.device, dtype=torch.float32)
         lse = torch.empty(0, device=q.device, dtype=torch.float32)
     Mq = block_map.block_class.shape[2]
+    k_strides, v_strides = k.stride(), v.stride()
+    if tma:
+        k = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, config.block_k, D])
+        v = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, config.block_k, D])
     _sla_fwd_kernel[(Mq, B * H)](
         q, k, v, block_map.critical_lut, block_map.critical_count, states,
         proj_weight.float().contiguous(), proj_bias.float().contiguous(), o, o_l, lse,
-        *q.stride(), *k.stride(), *v.stride(),
+        *q.stride(), *k_strides, *v_strides,
         H, Nq, Nk, Mq, block_map.critical_lut.shape[-1], float(scale), LINEAR_DENOMINATOR_EPS,
         BLOCK_M=config.block_q, BLOCK_N=config.block_k, D=D,
         FEATURE_MAP=FEATURE_MAP_CODES[config.feature_map], DOT=DOT_CODES[q.dtype],
         LIN_DOT=_linear_dot(q), EVEN_N=Nk % config.block_k == 0, SAVE=save_for_backward,
+        TMA=tma,
     )
     return o, o_l, lse
+
+
+def tma_supported(k: torch.Tensor, v: torch.Tensor, require_gpu: bool = True) -> bool:
+    """Whether the forward kernel can load k and v through TMA tensor descriptors: a GPU of
+    compute capability 9.0 or newer (unless ``require_gpu`` is False: the CPU interpreter runs
+    descriptors too), 16-bit elements, a contiguous last dim, 16-byte aligned strides and base.
+    Float32 inputs keep pointer loads: they serve tests and float32 models, not speed."""
+    if require_gpu and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    return all(
+        x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
+        and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+        and x.data_ptr() % 16 == 0
+        for x in (k, v)
+    )
 
 
 def backward(
