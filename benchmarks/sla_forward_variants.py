@@ -50,19 +50,22 @@ from sla_kernel import (  # noqa: E402
     time_flex,
 )
 
-LAUNCH_CONFIGS = [(4, 3), (4, 4), (8, 2), (8, 3), (8, 4)]
+LAUNCH_CONFIGS = ["4x3", "4x4", "8x2", "8x3", "8x4"]
 
 
-def _with_launch(kernel, warps: int, stages: int, warp_specialize: bool = False):
+def _with_launch(kernel, warps: int, stages: int, maxnreg: int | None = None,
+                 warp_specialize: bool = False):
     """The same jitted forward kernel fixed to one launch config (an autotuner of one choice
-    times nothing), its key-block loop optionally warp-specialised. Under the CPU interpreter
-    the kernel is not autotuned: it is returned as it is, launch configs mean nothing there."""
+    times nothing), optionally capped at ``maxnreg`` registers a thread (a cap of 168 lets three
+    4-warp programs share an SM's 64K registers, where the uncapped kernel fits two), its
+    key-block loop optionally warp-specialised. Under the CPU interpreter the kernel is not
+    autotuned: it is returned as it is, launch configs mean nothing there."""
     import triton
 
     if not isinstance(kernel, triton.runtime.Autotuner):
         return kernel
-    fixed = triton.autotune([triton.Config({}, num_warps=warps, num_stages=stages)],
-                            key=[])(kernel.fn)
+    fixed = triton.autotune([triton.Config({}, num_warps=warps, num_stages=stages,
+                                           maxnreg=maxnreg)], key=[])(kernel.fn)
     if not warp_specialize:
         return fixed
 
@@ -71,6 +74,13 @@ def _with_launch(kernel, warps: int, stages: int, warp_specialize: bool = False)
             return lambda *args, **kwargs: fixed[grid](*args, WARP_SPECIALIZE=True, **kwargs)
 
     return _WarpSpecialized()
+
+
+def _launch_config(text: str) -> tuple[int, int, int | None]:
+    """"4x3" -> (4 warps, 3 stages, no register cap); "4x3r168" -> (4, 3, 168)."""
+    warps, rest = text.split("x")
+    stages, _, maxnreg = rest.partition("r")
+    return int(warps), int(stages), int(maxnreg) if maxnreg else None
 
 
 def steps(n: int, config, time_them: bool = True) -> tuple[dict, tuple]:
@@ -140,10 +150,12 @@ def kernel_configs(n: int, config, inputs, launch_configs, warp_specialize: bool
     loads = [(False, False), (True, False)] + ([(True, True)] if warp_specialize else [])
     try:
         for tma, specialised in loads:
-            for warps, stages in launch_configs:
-                triton_sla._sla_fwd_kernel = _with_launch(tuned, warps, stages, specialised)
+            for warps, stages, maxnreg in launch_configs:
+                triton_sla._sla_fwd_kernel = _with_launch(tuned, warps, stages, maxnreg,
+                                                          specialised)
                 rows.append(measure({"tma": tma, "warp_specialize": specialised,
-                                     "num_warps": warps, "num_stages": stages}))
+                                     "num_warps": warps, "num_stages": stages,
+                                     "maxnreg": maxnreg}))
     finally:
         triton_sla._sla_fwd_kernel = tuned
     rounding = _rel(o_ref.to(torch.bfloat16), o_ref)
@@ -158,8 +170,9 @@ def main() -> None:
     parser.add_argument("--topk", type=float, default=0.1)
     parser.add_argument("--config-frames", type=int, nargs="*", default=[32],
                         help="sizes at which every launch config is timed (others: autotuned only)")
-    parser.add_argument("--launch", nargs="*", default=[f"{w}x{s}" for w, s in LAUNCH_CONFIGS],
-                        help="launch configs WARPSxSTAGES timed at --config-frames")
+    parser.add_argument("--launch", nargs="*", default=LAUNCH_CONFIGS,
+                        help="launch configs WARPSxSTAGES or WARPSxSTAGESrMAXNREG timed at "
+                             "--config-frames")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--warp-specialize", action="store_true",
                         help="also time TMA loads with the loop warp-specialised (Triton's "
@@ -173,7 +186,7 @@ def main() -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     config = SLAConfig(topk=args.topk, block_q=128, block_k=64)
-    launch = [tuple(int(x) for x in text.split("x")) for text in args.launch]
+    launch = [_launch_config(text) for text in args.launch]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": " ".join(["python"] + sys.argv), "topk": args.topk,
               "block": [128, 64], "sizes": []}
@@ -207,7 +220,9 @@ def main() -> None:
                 continue
             loads = ("TMA, warp-specialised" if row.get("warp_specialize")
                      else "TMA" if row["tma"] else "pointers")
-            launch = "autotuned" if row.get("autotuned") else f"{row['num_warps']}, {row['num_stages']}"
+            launch = ("autotuned" if row.get("autotuned") else
+                      f"{row['num_warps']}, {row['num_stages']}"
+                      + (f", <= {row['maxnreg']} registers" if row.get("maxnreg") else ""))
             print(f"| {entry['N']} | {loads} | {launch} | {row['ms']:.3f} | {row['tflops']:.0f} | "
                   f"{row['rel_err']:.2e} | {non_kernel} | {flex if flex is None else f'{flex:.3f}'} |")
 
