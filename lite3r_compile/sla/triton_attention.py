@@ -30,6 +30,12 @@ from lite3r_compile.sla.triton_linear import feature_map, feature_map_grad, mma,
 _ATTENTION_CONFIGS = [
     triton.Config({}, num_warps=w, num_stages=s)
     for w, s in ((4, 3), (4, 4), (8, 3), (8, 2))
+] + [
+    # Forward only: at most 168 registers a thread lets three 4-warp programs share an SM (64K
+    # registers; 3 stages of K, V tiles fit three times in shared memory at D = 64). With TMA
+    # loads the kernel fits without spilling: 2.136 ms against 2.219 uncapped at N = 43,968,
+    # topk 0.1, bf16, D = 64 on an H200 (benchmarks/NOTES.md, session 15).
+    triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 ]
 _ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE", "TMA"]
 
