@@ -37,7 +37,11 @@ _ATTENTION_CONFIGS = [
     # topk 0.1, bf16, D = 64 on an H200 (benchmarks/NOTES.md, session 15).
     triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 ]
-_ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE", "TMA"]
+# c_max, the critical blocks a query block loops over, is in the forward's key: the register cap
+# that wins on long loops (69 blocks) lost on short ones (6 to 35 blocks: frame attention and
+# N <= 21,984 ran 5-10% slower under the config tuned at N = 43,968), so each loop length is
+# tuned once (one value per frame count and topk).
+_ATTENTION_KEY = ["D", "BLOCK_M", "BLOCK_N", "DOT", "SAVE", "TMA", "c_max"]
 
 
 @tuned(_ATTENTION_CONFIGS, _ATTENTION_KEY)
