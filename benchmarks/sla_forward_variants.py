@@ -17,7 +17,7 @@ size the script times (median of triton's do_bench, CUDA events):
 
 Session 14 also timed kernel variants here that lost and were removed (packed float16 and
 bfloat16 exponentials, two key blocks a step; commit 11aa277 has them, benchmarks/NOTES.md the
-numbers).
+numbers). Session 15 added the TMA loads, the register caps and the warp-specialised loop.
 
 FLOPs on the computed blocks: 4 * N * (critical blocks * 64) * D * H. Writes
 ``sla_forward_variants.json`` under --out and prints a table.

@@ -59,7 +59,9 @@ def _sla_fwd_kernel(
 ):
     # With TMA, K and V are tensor descriptors over (B, H, Nk, D) with (1, 1, BLOCK_N, D)
     # blocks: the copy engine fetches each critical block (rows past Nk read as zeros), in place
-    # of BLOCK_N x D addresses computed and loaded by the threads.
+    # of BLOCK_N x D addresses computed and loaded by the threads. WARP_SPECIALIZE asks Triton to
+    # split the loop into producer and consumer warps; only benchmarks/sla_forward_variants.py
+    # sets it (Triton 3.6's Hopper pass fails on this loop; Blackwell is untried).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)

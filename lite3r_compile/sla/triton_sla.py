@@ -11,7 +11,8 @@ k, v (B, H, Nk, D):
    marginal indicator;
 3. the marginal sums of the states per query block: one batched product (triton_linear.py);
 4. the fused attention kernel (triton_attention.py): online softmax over the critical blocks,
-   then o_l and o = o_s + o_l W^T + b in the epilogue.
+   then o_l and o = o_s + o_l W^T + b in the epilogue. On Hopper and newer GPUs it loads the
+   key blocks through TMA tensor descriptors (:func:`tma_supported`).
 
 The backward is seven launches: the tables of both views from the saved block_class (one
 kernel), the key-block states and their marginal sums, a dq kernel per query block (which also
