@@ -133,6 +133,7 @@ def kernel_configs(n: int, config, inputs, launch_configs, warp_specialize: bool
     del ref_in
     n_critical = block_map.critical_lut.shape[-1]
     flops = 4.0 * HEADS * n * min(n, n_critical * config.block_k) * HEAD_DIM
+
     def measure(row: dict) -> dict:
         run = lambda: triton_sla.attention_forward(  # noqa: E731
             q, k, v, block_map, states, w, b, scale, config, False, tma=row["tma"])

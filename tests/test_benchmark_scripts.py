@@ -218,8 +218,10 @@ config = SLAConfig(topk=0.3, block_q=64, block_k=64)
 times, inputs = fv.steps(300, config)
 assert times["marginal_sum_cublas_rel_err"] < 1e-2, times
 assert times["non_kernel_graph_ms"] == 3.0, times
-rows = fv.kernel_configs(300, config, inputs, [(4, 3)])
-assert [r.get("autotuned", False) for r in rows] == [False, True], rows
+assert fv._launch_config("4x3") == (4, 3, None) and fv._launch_config("4x3r168") == (4, 3, 168)
+rows = fv.kernel_configs(300, config, inputs, [fv._launch_config("4x3")], False)
+assert [r.get("autotuned", False) for r in rows] == [False, False, True, True], rows
+assert [r["tma"] for r in rows] == [False, True, False, True], rows
 assert all(r["rel_err"] < 1e-2 and r["ms"] == 1.0 for r in rows), rows
 print("ok", sorted(times))
 """

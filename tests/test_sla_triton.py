@@ -268,6 +268,9 @@ def test_tma_is_refused_where_descriptors_cannot_describe_the_inputs():
     assert not triton_sla.tma_supported(x, x, require_gpu=False)  # float32
     odd = torch.randn(1, 1, 8, 36, dtype=torch.float16)[..., :32]  # 72-byte rows
     assert not triton_sla.tma_supported(odd, odd, require_gpu=False)
+    shared = torch.randn(1, 1, 8, 32, dtype=torch.float16).expand(1, 4, 8, 32)  # stride 0 heads
+    assert not triton_sla.tma_supported(shared, shared, require_gpu=False)
+    assert triton_sla.tma_supported(shared.contiguous(), shared.contiguous(), require_gpu=False)
     assert not triton_sla.tma_supported(x.half(), x.half())  # no GPU tensor
     config = SLAConfig(topk=0.5, block_q=16, block_k=16)
     key_states, k_sums, q_means = block_statistics(x, x, x, config, torch.float32)

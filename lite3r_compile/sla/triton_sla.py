@@ -135,13 +135,14 @@ def attention_forward(
 def tma_supported(k: torch.Tensor, v: torch.Tensor, require_gpu: bool = True) -> bool:
     """Whether the forward kernel can load k and v through TMA tensor descriptors: a GPU of
     compute capability 9.0 or newer (unless ``require_gpu`` is False: the CPU interpreter runs
-    descriptors too), 16-bit elements, a contiguous last dim, 16-byte aligned strides and base.
-    Float32 inputs keep pointer loads: they serve tests and float32 models, not speed."""
+    descriptors too), 16-bit elements, a contiguous last dim, positive 16-byte aligned strides
+    and base. Float32 inputs keep pointer loads: they serve tests and float32 models, not speed;
+    so do broadcast (stride 0) views, e.g. k expanded over heads."""
     if require_gpu and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
         return False
     return all(
         x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
-        and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+        and all(stride > 0 and stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
         and x.data_ptr() % 16 == 0
         for x in (k, v)
     )
