@@ -408,8 +408,16 @@ def plot(result: dict, path: Path) -> None:
                                                                "forward + backward")):
         for topk in sorted({r["topk"] for r in rows}):
             sel = [r for r in rows if r["topk"] == topk]
-            ax.plot([r["N"] for r in sel], [r["sdpa"][key] / r["sla"][key] for r in sel],
-                    marker="o", label=f"SLA topk={topk}")
+            line, = ax.plot([r["N"] for r in sel], [r["sdpa"][key] / r["sla"][key] for r in sel],
+                            marker="o", label=f"SLA topk={topk}")
+            # Replayed from CUDA graphs: GPU time alone, where small sizes are launch-bound.
+            graphs = [r for r in sel if key == "fwd_ms" and "fwd_graph_ms" in r["sla"]
+                      and "fwd_graph_ms" in r["sdpa"]]
+            if graphs:
+                ax.plot([r["N"] for r in graphs],
+                        [r["sdpa"]["fwd_graph_ms"] / r["sla"]["fwd_graph_ms"] for r in graphs],
+                        linestyle="--", marker=".", color=line.get_color(),
+                        label=f"SLA topk={topk}, CUDA graphs")
             flex = [r for r in sel if key in r.get("flex", {})]
             if flex:
                 ax.scatter([r["N"] for r in flex], [r["sdpa"][key] / r["flex"][key] for r in flex],
