@@ -87,6 +87,32 @@ def _kth_largest(key, valid, k):
 
 
 @triton.jit
+def _kth_largest_radix(key, valid, k):
+    """The same k-th largest by radix select, eight bits a step from the top: a 256-bin histogram
+    of the digit among the keys that share the bits chosen so far, the largest digit d with at
+    least ``remaining`` of them at or above it, and ``remaining`` less those above d. Four
+    passes over the keys where the bitwise search makes 32 (classification is bound by that
+    work, benchmarks/NOTES.md session 15). ``build_block_map(..., radix_select=True)`` selects
+    it; the default stays the bitwise search until a GPU run has timed both."""
+    bins = tl.arange(0, 256)
+    t = tl.full((), 0, tl.uint32)
+    remaining = k
+    for step in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * step
+        if step == 0:
+            match = valid
+        else:
+            match = valid & ((key >> (shift + 8)) == (t >> (shift + 8)))
+        digit = ((key >> shift) & 0xFF).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=match)
+        at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist
+        d = tl.sum((at_or_above >= remaining).to(tl.int32)) - 1
+        remaining -= tl.sum(tl.where(bins == d, at_or_above - hist, 0))
+        t = t | (d.to(tl.uint32) << shift)
+    return t
+
+
+@triton.jit
 def _store_tables(c, idx, valid, LUT_LINE, COUNT_AT, IND_LINE, ind_width):
     # From the classes c of one row (or column) of block_class, whose block indices are idx (real
     # where valid): the critical indices in ascending order at LUT_LINE, their count at COUNT_AT
@@ -103,7 +129,7 @@ def _store_tables(c, idx, valid, LUT_LINE, COUNT_AT, IND_LINE, ind_width):
 @triton.jit
 def _sla_classify_kernel(
     SCORES, CLS, LUT, COUNT, IND, stride_ind_row, Mk, n_critical, n_negligible,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX: tl.constexpr = False,
 ):
     # One program per (batch, head, query block) row of scores, reproducing the reference's
     # stable descending sort without sorting: the n_critical-th largest score is the critical
@@ -118,7 +144,10 @@ def _sla_classify_kernel(
     bits = s.to(tl.uint32, bitcast=True)
     key = tl.where(s < 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
-    top = _kth_largest(key, valid, n_critical)
+    if RADIX:
+        top = _kth_largest_radix(key, valid, n_critical)
+    else:
+        top = _kth_largest(key, valid, n_critical)
     above = valid & (key > top)
     tied = (valid & (key == top)).to(tl.int32)
     room = n_critical - tl.sum(above.to(tl.int32))
@@ -127,7 +156,10 @@ def _sla_classify_kernel(
     negligible = idx < 0
     if n_negligible > 0:
         low_key = key ^ 0xFFFFFFFF
-        bottom = _kth_largest(low_key, valid, n_negligible)
+        if RADIX:
+            bottom = _kth_largest_radix(low_key, valid, n_negligible)
+        else:
+            bottom = _kth_largest(low_key, valid, n_negligible)
         below = valid & (low_key > bottom)
         tied_low = (valid & (low_key == bottom)).to(tl.int32)
         room_low = n_negligible - tl.sum(below.to(tl.int32))
@@ -207,10 +239,12 @@ def block_scores(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int,
 
 
 def build_block_map(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int, config: SLAConfig,
-                    marginal_dtype: torch.dtype) -> BlockMap:
+                    marginal_dtype: torch.dtype, radix_select: bool = False) -> BlockMap:
     """Classify every (query block, key block) pair from the q means per query block and the
     k sums per key block (n_keys keys), and build the critical lookup table, the counts and the
-    marginal indicator (``marginal_dtype``): two launches."""
+    marginal indicator (``marginal_dtype``): two launches. ``radix_select`` finds the top-k
+    thresholds by radix select in place of the bitwise search: the same classes, not yet timed
+    on a GPU (benchmarks/sla_forward_variants.py --radix-select times both)."""
     scores = block_scores(q_means, k_sums, n_keys, config)
     B, H, Mq, Mk = scores.shape
     n_critical = config.num_critical(Mk)
@@ -225,7 +259,8 @@ def build_block_map(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int, co
     block = max(32, triton.next_power_of_2(Mk))
     _sla_classify_kernel[(B * H * Mq,)](
         scores, block_class, lut, count, marginal, marginal.stride(2), Mk, n_critical,
-        config.num_negligible(Mk), BLOCK=block, num_warps=min(8, max(1, block // 256)),
+        config.num_negligible(Mk), BLOCK=block, RADIX=radix_select,
+        num_warps=min(8, max(1, block // 256)),
     )
     return BlockMap(block_class, marginal, lut, count)
 
