@@ -244,7 +244,7 @@ def build_block_map(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int, co
     k sums per key block (n_keys keys), and build the critical lookup table, the counts and the
     marginal indicator (``marginal_dtype``): two launches. ``radix_select`` finds the top-k
     thresholds by radix select in place of the bitwise search: the same classes, not yet timed
-    on a GPU (benchmarks/sla_forward_variants.py --radix-select times both)."""
+    on a GPU (benchmarks/sla_forward_variants.py times both)."""
     scores = block_scores(q_means, k_sums, n_keys, config)
     B, H, Mq, Mk = scores.shape
     n_critical = config.num_critical(Mk)
