@@ -259,7 +259,8 @@ def _forward_both_loads(q, k, v, w, b, scale, config):
     descriptors, on the same block map and states."""
     key_states, k_sums, q_means = block_statistics(q, k, v, config, torch.bfloat16)
     block_map = build_block_map(q_means, k_sums, k.shape[2], config, torch.bfloat16)
-    states = marginal_sum(block_map.marginal, key_states, dot=2, out_dtype=torch.bfloat16)
+    states = marginal_sum(block_map.marginal, key_states, dot=triton_sla.DOT_BF16,
+                          out_dtype=torch.bfloat16)
     return [triton_sla.attention_forward(q, k, v, block_map, states, w, b, scale, config, True,
                                          tma=tma) for tma in (False, True)]
 

@@ -26,6 +26,8 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -132,13 +134,17 @@ def attention_forward(
     return o, o_l, lse
 
 
+# Asked on every forward call (48 a VGGT-1B forward); a device's capability never changes.
+_capability = functools.cache(torch.cuda.get_device_capability)
+
+
 def tma_supported(k: torch.Tensor, v: torch.Tensor, require_gpu: bool = True) -> bool:
     """Whether the forward kernel can load k and v through TMA tensor descriptors: a GPU of
     compute capability 9.0 or newer (unless ``require_gpu`` is False: the CPU interpreter runs
     descriptors too), 16-bit elements, a contiguous last dim, positive 16-byte aligned strides
     and base. Float32 inputs keep pointer loads: they serve tests and float32 models, not speed;
     so do broadcast (stride 0) views, e.g. k expanded over heads."""
-    if require_gpu and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+    if require_gpu and not (k.is_cuda and _capability(k.device)[0] >= 9):
         return False
     return all(
         x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
