@@ -19,6 +19,9 @@ copy bandwidth:
                      :mod:`lite3r_compile.backends.gelu_quant`): a few rows a program, each row
                      loaded once, erf once, amax, scale and e4m3 stores, at its default
                      tile and at the others of a small sweep (``triton_r{rows}w{warps}``)
+- ``triton_erf``:    the same kernel with eager's erf (libdevice) in place of its fitted erfc
+- ``triton_no_gelu``: the same kernel with no GELU at all, the bound on what a cheaper GELU
+                     can save (its bytes are not a GELU's, so its agreement columns mean nothing)
 
 and, for each, whether its e4m3 bytes and scales equal the eager reference's.
 
@@ -115,6 +118,8 @@ def main() -> None:
                               "coordinate_descent": {"coordinate_descent_tuning": True}}.items():
             candidates[name] = torch.compile(reference, options=options)
         candidates["triton_rows"] = gelu_quant_rowwise
+        candidates["triton_erf"] = lambda t: gelu_quantize_triton(t, gelu_form="erf")
+        candidates["triton_no_gelu"] = lambda t: gelu_quantize_triton(t, gelu_form="identity")
         for r, w in GELU_TILES:
             candidates[f"triton_r{r}w{w}"] = lambda t, r=r, w=w: gelu_quantize_triton(t, rows=r, num_warps=w)
         for name, fn in candidates.items():

@@ -6,12 +6,31 @@ For ``y`` (M, N), the hidden activations before an MLP's GELU (``fc1``'s output)
     scale = max(max_j |g_ij|, 1e-12) / 448          (M, 1) float32
     q     = clamp(g / scale, -448, 448) -> e4m3      (M, N)
 
-which is ``quantize_to_e4m3(F.gelu(y), rowwise=True)`` to the bit. Inductor fuses the GELU into
-the rowwise reduction, but for rows wider than its persistent-reduction limit (1024; an MLP's
-hidden width is 4096) as a looped reduction that reads the row and computes erf twice: 0.173 ms
-for M = 8 x 1374 on an H200, against 0.078 ms for the kernel here, which holds a few rows in
-registers, reads each once and computes erf once (``benchmarks/fp8_quant.py``; its looped
-form also skips the bf16 rounding of the GELU, so 1.5% of its e4m3 bytes differ from eager).
+which is ``quantize_to_e4m3(F.gelu(y), rowwise=True)``, the reference the op runs off CUDA.
+Inductor fuses the GELU into the rowwise reduction, but for rows wider than its
+persistent-reduction limit (1024; an MLP's hidden width is 4096) as a looped reduction that reads
+the row and computes erf twice: 0.173 ms for M = 8 x 1374 on an H200, against 0.078 ms for the
+kernel here, which holds a few rows in registers and reads each once (``benchmarks/fp8_quant.py``;
+Inductor's looped form also skips the bf16 rounding of the GELU, so 1.5% of its e4m3 bytes differ
+from eager).
+
+The kernel does not call libdevice's erf. With it, the kernel ran within 12% of a plain compiled
+GELU, which itself moves bytes at 60% of the copy rate: erf, two polynomials and an exponential
+on either side of a branch that a warp of mixed signs runs both ways, bounds them, not the bytes
+(``benchmarks/NOTES.md``, session 9). The kernel writes GELU through the complementary error
+function instead, one branch-free polynomial::
+
+    u = |x|,  t = 1 / (1 + 0.45 u)
+    erfc(u / sqrt 2) = t * 2^(P(t) - u^2 log2(e) / 2)      P of degree 6, fitted on u in [0, 14]
+    h = x erfc(u / sqrt 2) / 2,   gelu(x) = x - h if x >= 0 else h
+
+``P``'s error is under 4.4e-6 in log2, so ``erfc`` is within 3.1e-6 of its value relative to it
+in both tails. There eager's float32 ``1 + erf(x)`` cancels: its GELU is off by 0.18% (median)
+relative on x in [-6, -3], by 6e-5 at most on [-3, -1]. Rounded to bfloat16 the kernel's GELU
+equals the correctly rounded one on 4M samples of 2 N(0, 1); after the rowwise e4m3 rounding
+its bytes equal eager's wherever eager's erf kept its digits (99.992% of them on those samples),
+and the scales always (``tests/test_gelu_quant.py``). ``gelu_form="erf"`` keeps eager's formula
+(``benchmarks/fp8_quant.py`` times both).
 
 ``lite3r::gelu_quant_rowwise`` is a ``torch.library`` custom op (a fake implementation for
 tracing; CUDA tensors run the Triton kernel, others the PyTorch reference), opaque to Inductor,
@@ -19,8 +38,6 @@ which schedules around it.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,42 +56,27 @@ def gelu_quantize_reference(y: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_to_e4m3(F.gelu(y), rowwise=True)
 
 
-@functools.cache
-def _kernel(interpret: bool):
-    """The kernel, decorated once for the interpreter (``TRITON_INTERPRET=1``) and once for GPUs."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gelu_quant_rows(y_ptr, q_ptr, scale_ptr, M, N, stride_y, stride_q,
-                        FLOOR: tl.constexpr, FP8_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_N)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
-        x = y.to(tl.float32)
-        g = (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(y.dtype).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(g), axis=1), FLOOR) / FP8_MAX
-        q = tl.clamp(g / scale[:, None], -FP8_MAX, FP8_MAX)
-        # q_ptr is e4m3, or float32 under the interpreter (see gelu_quantize_triton)
-        tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
-
-    return triton, gelu_quant_rows
+GELU_FORMS = ("fitted", "erf", "identity")  # see gelu_quant_kernel.py
 
 
-def gelu_quantize_triton(y: Tensor, *, rows: int | None = None,
-                         num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+def gelu_quantize_triton(y: Tensor, *, rows: int | None = None, num_warps: int | None = None,
+                         gelu_form: str = "fitted") -> tuple[Tensor, Tensor]:
     """The Triton kernel on ``y`` (M, N) with unit stride along N: CUDA tensors, or any tensors
     under ``TRITON_INTERPRET=1``. ``rows`` (a power of two) and ``num_warps`` override the tile
-    (``benchmarks/fp8_quant.py`` sweeps them)."""
+    (``benchmarks/fp8_quant.py`` sweeps them). ``gelu_form`` is ``"fitted"`` (the module
+    docstring's erfc), ``"erf"`` (eager's formula, libdevice's erf) or ``"identity"`` (no GELU:
+    the benchmark's bound, not a GELU)."""
     import triton
+
+    if gelu_form not in GELU_FORMS:
+        raise ValueError(f"gelu_quantize_triton: gelu_form={gelu_form!r}; use one of {GELU_FORMS}")
 
     interpret = bool(triton.knobs.runtime.interpret)
     if not y.is_cuda and not interpret:
         raise ValueError(f"gelu_quantize_triton: a {y.device} tensor needs TRITON_INTERPRET=1; "
                          "call gelu_quant_rowwise, which runs the reference there")
-    _, kernel = _kernel(interpret)
+    from lite3r_compile.backends.gelu_quant_kernel import gelu_quant_rows as kernel
+
     if y.dim() != 2 or y.stride(-1) != 1:
         raise ValueError(f"gelu_quantize_triton: expected a 2-D tensor with unit stride along its rows, "
                          f"got shape {tuple(y.shape)} and strides {y.stride()}")
@@ -87,7 +89,8 @@ def gelu_quantize_triton(y: Tensor, *, rows: int | None = None,
     q = torch.empty(M, N, device=y.device, dtype=torch.float32 if interpret else E4M3)
     scale = torch.empty(M, 1, device=y.device, dtype=torch.float32)
     kernel[(triton.cdiv(M, rows),)](y, q, scale, M, N, y.stride(0), q.stride(0), FLOOR=AMAX_FLOOR,
-                                    FP8_MAX=E4M3_MAX, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+                                    FP8_MAX=E4M3_MAX, ROWS=rows, BLOCK_N=block_n, FORM=gelu_form,
+                                    num_warps=num_warps)
     return (q.to(E4M3) if interpret else q), scale
 
 
@@ -107,4 +110,4 @@ def _(y: Tensor) -> tuple[Tensor, Tensor]:
     return y.new_empty(y.shape, dtype=E4M3), y.new_empty((*y.shape[:-1], 1), dtype=torch.float32)
 
 
-__all__ = ["gelu_quant_rowwise", "gelu_quantize_reference", "gelu_quantize_triton"]
+__all__ = ["GELU_FORMS", "gelu_quant_rowwise", "gelu_quantize_reference", "gelu_quantize_triton"]
