@@ -27,12 +27,22 @@ def fp8_mlp(granularity: str = "rowwise", approximate: str = "none") -> Mlp:
     return mlp
 
 
+# the kernels run on a GPU where there is one (compiled there), else under the interpreter,
+# which conftest switches on before any kernel module is imported
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_kernel(y: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """gelu_quantize_triton on DEVICE, results back on the CPU"""
+    q, scale = gelu_quantize_triton(y.to(DEVICE), **kwargs)
+    return q.cpu(), scale.cpu()
+
+
 @pytest.mark.parametrize("shape", [(5, 96), (1, 4096), (9, 100), (3, 1)])
-def test_the_triton_kernel_quantizes_what_eager_gelu_then_quantize_does(shape, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_the_triton_kernel_quantizes_what_eager_gelu_then_quantize_does(shape):
     # float32: Triton 3.6's interpreter truncates a cast to bfloat16 where a GPU rounds it
     y = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3
-    q, scale = gelu_quantize_triton(y)
+    q, scale = run_kernel(y)
     want_q, want_scale = quantize_to_e4m3(F.gelu(y), rowwise=True)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (shape[0], 1)
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
@@ -56,10 +66,8 @@ def apply_gelu_fitted(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 def test_the_fitted_gelu_is_within_2e_5_of_the_exact_one_in_both_tails():
-    # a GPU where there is one (the kernels are compiled there), else the interpreter (conftest)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     # every float32 step of 1/256 on [-13, 13], where x Phi(x) stays a normal float32
-    x = torch.arange(-13 * 256, 13 * 256 + 1, dtype=torch.float32, device=device) / 256
+    x = torch.arange(-13 * 256, 13 * 256 + 1, dtype=torch.float32, device=DEVICE) / 256
     out = torch.empty_like(x)
     apply_gelu_fitted[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     x, out = x.cpu(), out.cpu()
@@ -72,23 +80,21 @@ def test_the_fitted_gelu_is_within_2e_5_of_the_exact_one_in_both_tails():
     assert eager_rel.median() > 1e-3
 
 
-def test_the_kernels_bytes_are_the_correctly_rounded_gelus(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_the_kernels_bytes_are_the_correctly_rounded_gelus():
     y = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3)) * 2
-    q, scale = gelu_quantize_triton(y)
+    q, scale = run_kernel(y)
     want_q, want_scale = quantize_to_e4m3(exact_gelu(y).float(), rowwise=True)
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     assert (q.view(torch.uint8) == want_q.view(torch.uint8)).float().mean() > 0.9999
 
 
-def test_the_erf_and_identity_forms_and_a_wrong_form(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_the_erf_and_identity_forms_and_a_wrong_form():
     y = torch.randn(7, 300, generator=torch.Generator().manual_seed(4)) * 3
-    q, scale = gelu_quantize_triton(y, gelu_form="identity")
+    q, scale = run_kernel(y, gelu_form="identity")
     want_q, want_scale = quantize_to_e4m3(y, rowwise=True)
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     assert (q.float() == want_q.float()).float().mean() > 0.999
-    q, scale = gelu_quantize_triton(y, gelu_form="erf")
+    q, scale = run_kernel(y, gelu_form="erf")
     want_q, want_scale = quantize_to_e4m3(F.gelu(y), rowwise=True)
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     assert (q.float() == want_q.float()).float().mean() > 0.99
@@ -96,10 +102,9 @@ def test_the_erf_and_identity_forms_and_a_wrong_form(monkeypatch):
         gelu_quantize_triton(y, gelu_form="tanh")
 
 
-def test_the_kernel_saturates_huge_rows_and_keeps_zero_rows_finite(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_the_kernel_saturates_huge_rows_and_keeps_zero_rows_finite():
     y = torch.tensor([[1e30, -1e30, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    q, scale = gelu_quantize_triton(y)
+    q, scale = run_kernel(y)
     assert torch.isfinite(q.float()).all() and torch.isfinite(scale).all()
     assert q.float()[0].abs().max() == 448 and (q.float()[1] == 0).all()
 
