@@ -9,15 +9,16 @@ For ``y`` (M, N), the hidden activations before an MLP's GELU (``fc1``'s output)
 which is ``quantize_to_e4m3(F.gelu(y), rowwise=True)``, the reference the op runs off CUDA.
 Inductor fuses the GELU into the rowwise reduction, but for rows wider than its
 persistent-reduction limit (1024; an MLP's hidden width is 4096) as a looped reduction that reads
-the row and computes erf twice: 0.173 ms for M = 8 x 1374 on an H200, against 0.078 ms for the
-kernel here, which holds a few rows in registers and reads each once (``benchmarks/fp8_quant.py``;
+the row and computes erf twice: 0.173 ms for M = 8 x 1374 on an H200, against 0.055 ms for the
+kernel here, which holds a row in registers and reads it once (``benchmarks/fp8_quant.py``;
 Inductor's looped form also skips the bf16 rounding of the GELU, so 1.5% of its e4m3 bytes differ
 from eager).
 
-The kernel does not call libdevice's erf. With it, the kernel ran within 12% of a plain compiled
-GELU, which itself moves bytes at 60% of the copy rate: erf, two polynomials and an exponential
-on either side of a branch that a warp of mixed signs runs both ways, bounds them, not the bytes
-(``benchmarks/NOTES.md``, session 9). The kernel writes GELU through the complementary error
+The kernel does not call libdevice's erf. With it, the kernel took 0.076-0.078 ms there, like a
+plain compiled GELU (0.070 ms), which moves bytes at 60% of the copy rate: erf, two polynomials
+and an exponential on either side of a branch that a warp of mixed signs runs both ways, bounds
+them, not the bytes; the same kernel without any GELU takes 0.037 ms, the copy rate
+(``benchmarks/NOTES.md``, sessions 9 and 16). The kernel writes GELU through the complementary error
 function instead, one branch-free polynomial::
 
     u = |x|,  t = 1 / (1 + 0.45 u)
@@ -45,8 +46,9 @@ from torch import Tensor
 
 from lite3r_compile.passes.fp8_qat import AMAX_FLOOR, E4M3, E4M3_MAX
 
-# elements of a program's tile: rows * next_pow2(N); 2 rows of 4096 at 8 warps measured fastest
-_TILE = 8192
+# elements of a program's tile: rows * next_pow2(N); with the fitted erfc, 1 row of 4096 at 4
+# warps measured fastest (benchmarks/NOTES.md, session 16)
+_TILE = 4096
 
 
 def gelu_quantize_reference(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,7 +85,7 @@ def gelu_quantize_triton(y: Tensor, *, rows: int | None = None, num_warps: int |
     M, N = y.shape
     block_n = triton.next_power_of_2(N)
     rows = rows or max(1, _TILE // block_n)
-    num_warps = num_warps or (8 if block_n >= 2048 else 4)
+    num_warps = num_warps or 4
     # Triton 3.6's interpreter casts float32 to e4m3 wrongly just below a power of two (7.8 -> 4),
     # so there the kernel stores the float32 quotients and torch rounds them
     q = torch.empty(M, N, device=y.device, dtype=torch.float32 if interpret else E4M3)

@@ -98,7 +98,7 @@ def _kth_largest_radix(key, valid, k):
     t = tl.full((), 0, tl.uint32)
     remaining = k
     for step in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * step
+        shift = 24 - 8 * step  # a constexpr: step is one (a constexpr cannot be reassigned)
         if step == 0:
             match = valid
         else:
