@@ -5,8 +5,9 @@ branch under 15%).
 Shapes: bf16, H=16, D=64, global attention over frames x 1374 tokens, 128x64 blocks. For each
 size the script times (median of triton's do_bench, CUDA events):
 
-- the steps before the fused kernel: block statistics, block scores, classification (by the
-  bitwise search and by radix select, whose classes must be equal), the marginal sums of the
+- the steps before the fused kernel: block statistics, block scores, classification (its
+  threshold search stopping early, as the operator runs it, and running all 32 bits, whose
+  classes must be equal), the marginal sums of the
   states (the Triton kernel, and the same product through cuBLAS), each
   launched from Python and replayed from a CUDA graph (``*_graph_ms``: GPU time alone; a
   model compiled with CUDA graphs sees these);
@@ -18,7 +19,8 @@ size the script times (median of triton's do_bench, CUDA events):
 
 Session 14 also timed kernel variants here that lost and were removed (packed float16 and
 bfloat16 exponentials, two key blocks a step; commit 11aa277 has them, benchmarks/NOTES.md the
-numbers). Session 15 added the TMA loads, the register caps and the warp-specialised loop.
+numbers). Session 15 added the TMA loads, the register caps and the warp-specialised loop, and
+timed a radix-select classification that lost (removed in session 16; commit fcb2de2 has it).
 
 FLOPs on the computed blocks: 4 * N * (critical blocks * 64) * D * H. Writes
 ``sla_forward_variants.json`` under --out and prints a table.
@@ -106,23 +108,18 @@ def steps(n: int, config, time_them: bool = True) -> tuple[dict, tuple]:
     times = {}
     if not time_them:
         return times, (q, k, v, block_map, states)
-    radix = lambda: triton_blockmap.build_block_map(  # noqa: E731
-        q_means, k_sums, n, config, torch.bfloat16, radix_select=True)
-    try:  # a search that does not compile or disagrees is a result, not a crash
-        times["radix_select_classes_equal"] = torch.equal(radix().block_class,
-                                                          block_map.block_class)
-        named["block_map_radix"] = radix
-    except Exception as error:
-        times["radix_select_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    full = lambda: triton_blockmap.build_block_map(  # noqa: E731
+        q_means, k_sums, n, config, torch.bfloat16, early_exit=False)
+    times["full_search_classes_equal"] = torch.equal(full().block_class, block_map.block_class)
+    named["block_map_full_search"] = full
     for name, fn in named.items():
         times[f"{name}_ms"] = _bench(fn)
         times[f"{name}_graph_ms"] = _bench_graph(fn)
     times["marginal_sum_cublas_rel_err"] = _rel(cublas, states)
     for suffix in ("_ms", "_graph_ms"):
         times["classify" + suffix] = times["block_map" + suffix] - times["block_scores" + suffix]
-        if "block_map_radix" in named:
-            times["classify_radix" + suffix] = (times["block_map_radix" + suffix]
-                                                - times["block_scores" + suffix])
+        times["classify_full_search" + suffix] = (times["block_map_full_search" + suffix]
+                                                  - times["block_scores" + suffix])
         times["non_kernel" + suffix] = (times["block_statistics" + suffix]
                                         + times["block_map" + suffix]
                                         + times["marginal_sum" + suffix])

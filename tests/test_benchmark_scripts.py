@@ -218,7 +218,7 @@ config = SLAConfig(topk=0.3, block_q=64, block_k=64)
 times, inputs = fv.steps(300, config)
 assert times["marginal_sum_cublas_rel_err"] < 1e-2, times
 assert times["non_kernel_graph_ms"] == 3.0, times
-assert times["radix_select_classes_equal"] is True and times["classify_radix_ms"] == 0.0, times
+assert times["full_search_classes_equal"] is True and times["classify_full_search_ms"] == 0.0, times
 assert fv._launch_config("4x3") == (4, 3, None) and fv._launch_config("4x3r168") == (4, 3, 168)
 rows = fv.kernel_configs(300, config, inputs, [fv._launch_config("4x3")], False)
 assert [r.get("autotuned", False) for r in rows] == [False, False, True, True], rows

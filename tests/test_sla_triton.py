@@ -138,9 +138,9 @@ def test_interpreted_empty_marginal_set_gives_zero_linear_branch():
 
 
 @interpreter
-@pytest.mark.parametrize("radix", [False, True])
+@pytest.mark.parametrize("early_exit", [True, False])
 @pytest.mark.parametrize("case", ["zero_q", "negative_q", "repeated_k", "random"])
-def test_interpreted_block_map_ties_and_lookup_tables(case, radix):
+def test_interpreted_block_map_ties_and_lookup_tables(case, early_exit):
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(1, 2, 40, 16, generator=gen)
     k = torch.randn(1, 2, 100, 16, generator=gen)
@@ -154,7 +154,7 @@ def test_interpreted_block_map_ties_and_lookup_tables(case, radix):
     expected = reference.classify_blocks(q, k, config)
     _, k_sums, q_means = block_statistics(q, k, k, config, torch.float32)
     block_map = build_block_map(q_means, k_sums, k.shape[2], config, torch.float32,
-                                radix_select=radix)
+                                early_exit=early_exit)
     assert torch.equal(block_map.block_class, expected)
     assert torch.equal(block_map.marginal, (expected == MARGINAL).float())
     n_critical = config.num_critical(expected.shape[3])
@@ -174,15 +174,16 @@ def test_interpreted_block_map_ties_and_lookup_tables(case, radix):
 
 
 @interpreter
-def test_interpreted_radix_select_classifies_long_rows_like_the_reference():
-    # 313 key blocks (a 512-wide row, more keys than histogram bins), critical and negligible sets
+@pytest.mark.parametrize("topk, negligible", [(0.1, 0.2), (1.0, 0.0), (0.003, 0.997)])
+def test_interpreted_early_exit_classifies_long_rows_like_the_reference(topk, negligible):
+    # 313 key blocks (a 512-wide row): the search stops early on distinct scores, and runs to
+    # the end (or not at all) when every block, or a single one, is critical
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(1, 2, 256, 16, generator=gen)
     k = torch.randn(1, 2, 5000, 16, generator=gen)
-    config = SLAConfig(topk=0.1, negligible=0.2, block_q=64, block_k=16)
+    config = SLAConfig(topk=topk, negligible=negligible, block_q=64, block_k=16)
     _, k_sums, q_means = block_statistics(q, k, k, config, torch.float32)
-    block_map = build_block_map(q_means, k_sums, k.shape[2], config, torch.float32,
-                                radix_select=True)
+    block_map = build_block_map(q_means, k_sums, k.shape[2], config, torch.float32)
     assert torch.equal(block_map.block_class, reference.classify_blocks(q, k, config))
 
 
@@ -362,14 +363,14 @@ def test_gpu_tma_loads_match_pointer_loads(n_q, n_k, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_k", [8192, 43968])  # 128 and 687 key blocks
-def test_gpu_radix_select_classifies_like_the_bitwise_search(n_k):
+def test_gpu_early_exit_classifies_like_the_full_search(n_k):
     q, k, v, _, _, _ = _inputs((1, 2, 8192, 64), (1, 2, n_k, 64), torch.bfloat16, seed=n_k)
     config = SLAConfig(topk=0.1, negligible=0.1, block_q=128, block_k=64)
     _, k_sums, q_means = block_statistics(q, k, v, config, torch.bfloat16)
-    bitwise, radix = (build_block_map(q_means, k_sums, n_k, config, torch.bfloat16,
-                                      radix_select=r) for r in (False, True))
-    assert torch.equal(radix.block_class, bitwise.block_class)
-    assert torch.equal(radix.critical_lut, bitwise.critical_lut)
+    early, full = (build_block_map(q_means, k_sums, n_k, config, torch.bfloat16, early_exit=e)
+                   for e in (True, False))
+    assert torch.equal(early.block_class, full.block_class)
+    assert torch.equal(early.critical_lut, full.critical_lut)
 
 
 @pytest.mark.gpu

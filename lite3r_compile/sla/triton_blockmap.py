@@ -75,40 +75,32 @@ def _sla_block_scores_kernel(
 
 
 @triton.jit
-def _kth_largest(key, valid, k):
-    """The k-th largest of the uint32 keys where valid (k >= 1), by a 32-step bitwise search:
-    the largest t with #{key >= t} >= k."""
-    t = tl.full((), 0, tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = t | tl.full((), 1 << bit, tl.uint32)
-        count = tl.sum((valid & (key >= candidate)).to(tl.int32))
-        t = tl.where(count >= k, candidate, t)
-    return t
+def _kth_largest(key, valid, k, EARLY_EXIT: tl.constexpr):
+    """The k-th largest of the uint32 keys where valid (1 <= k <= their count): the largest t
+    with #{key >= t} >= k, found bit by bit from the top, one count (a reduction over the row)
+    a bit.
 
-
-@triton.jit
-def _kth_largest_radix(key, valid, k):
-    """The same k-th largest by radix select, eight bits a step from the top: a 256-bin histogram
-    of the digit among the keys that share the bits chosen so far, the largest digit d with at
-    least ``remaining`` of them at or above it, and ``remaining`` less those above d. Four
-    passes over the keys where the bitwise search makes 32 (classification is bound by that
-    work, benchmarks/NOTES.md session 15). ``build_block_map(..., radix_select=True)`` selects
-    it; the default stays the bitwise search until a GPU run has timed both."""
-    bins = tl.arange(0, 256)
+    With ``EARLY_EXIT`` the search stops as soon as exactly k keys are >= t: the k-th largest
+    is then the least of them, one more reduction. It stops once t falls in the gap between the
+    k-th and (k+1)-th largest keys, about 32 - log2(gap) bits, where the full search always
+    makes 32 (classification is bound by these reductions: benchmarks/NOTES.md, sessions 15
+    and 16). Keys tied at the k-th keep ``#{key >= t} > k`` to the last bit, where t is exact."""
     t = tl.full((), 0, tl.uint32)
-    remaining = k
-    for step in tl.static_range(4):
-        shift = 24 - 8 * step  # a constexpr: step is one (a constexpr cannot be reassigned)
-        if step == 0:
-            match = valid
-        else:
-            match = valid & ((key >> (shift + 8)) == (t >> (shift + 8)))
-        digit = ((key >> shift) & 0xFF).to(tl.int32)
-        hist = tl.histogram(digit, 256, mask=match)
-        at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist
-        d = tl.sum((at_or_above >= remaining).to(tl.int32)) - 1
-        remaining -= tl.sum(tl.where(bins == d, at_or_above - hist, 0))
-        t = t | (d.to(tl.uint32) << shift)
+    if EARLY_EXIT:
+        n_at_least = tl.sum(valid.to(tl.int32))  # #{key >= t}, >= k throughout
+        bit = 31
+        while (bit >= 0) & (n_at_least != k):
+            candidate = t | (tl.full((), 1, tl.uint32) << bit.to(tl.uint32))
+            count = tl.sum((valid & (key >= candidate)).to(tl.int32))
+            t = tl.where(count >= k, candidate, t)
+            n_at_least = tl.where(count >= k, count, n_at_least)
+            bit -= 1
+        t = tl.min(tl.where(valid & (key >= t), key, tl.full((), 0xFFFFFFFF, tl.uint32)))
+    else:
+        for bit in tl.static_range(31, -1, -1):
+            candidate = t | tl.full((), 1 << bit, tl.uint32)
+            count = tl.sum((valid & (key >= candidate)).to(tl.int32))
+            t = tl.where(count >= k, candidate, t)
     return t
 
 
@@ -129,7 +121,7 @@ def _store_tables(c, idx, valid, LUT_LINE, COUNT_AT, IND_LINE, ind_width):
 @triton.jit
 def _sla_classify_kernel(
     SCORES, CLS, LUT, COUNT, IND, stride_ind_row, Mk, n_critical, n_negligible,
-    BLOCK: tl.constexpr, RADIX: tl.constexpr = False,
+    BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr = True,
 ):
     # One program per (batch, head, query block) row of scores, reproducing the reference's
     # stable descending sort without sorting: the n_critical-th largest score is the critical
@@ -144,10 +136,7 @@ def _sla_classify_kernel(
     bits = s.to(tl.uint32, bitcast=True)
     key = tl.where(s < 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
-    if RADIX:
-        top = _kth_largest_radix(key, valid, n_critical)
-    else:
-        top = _kth_largest(key, valid, n_critical)
+    top = _kth_largest(key, valid, n_critical, EARLY_EXIT)
     above = valid & (key > top)
     tied = (valid & (key == top)).to(tl.int32)
     room = n_critical - tl.sum(above.to(tl.int32))
@@ -156,10 +145,7 @@ def _sla_classify_kernel(
     negligible = idx < 0
     if n_negligible > 0:
         low_key = key ^ 0xFFFFFFFF
-        if RADIX:
-            bottom = _kth_largest_radix(low_key, valid, n_negligible)
-        else:
-            bottom = _kth_largest(low_key, valid, n_negligible)
+        bottom = _kth_largest(low_key, valid, n_negligible, EARLY_EXIT)
         below = valid & (low_key > bottom)
         tied_low = (valid & (low_key == bottom)).to(tl.int32)
         room_low = n_negligible - tl.sum(below.to(tl.int32))
@@ -239,12 +225,12 @@ def block_scores(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int,
 
 
 def build_block_map(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int, config: SLAConfig,
-                    marginal_dtype: torch.dtype, radix_select: bool = False) -> BlockMap:
+                    marginal_dtype: torch.dtype, early_exit: bool = True) -> BlockMap:
     """Classify every (query block, key block) pair from the q means per query block and the
     k sums per key block (n_keys keys), and build the critical lookup table, the counts and the
-    marginal indicator (``marginal_dtype``): two launches. ``radix_select`` finds the top-k
-    thresholds by radix select in place of the bitwise search: the same classes, not yet timed
-    on a GPU (benchmarks/sla_forward_variants.py times both)."""
+    marginal indicator (``marginal_dtype``): two launches. ``early_exit=False`` makes the
+    threshold search run all 32 bits (see ``_kth_largest``; the same classes):
+    benchmarks/sla_forward_variants.py times both."""
     scores = block_scores(q_means, k_sums, n_keys, config)
     B, H, Mq, Mk = scores.shape
     n_critical = config.num_critical(Mk)
@@ -259,7 +245,7 @@ def build_block_map(q_means: torch.Tensor, k_sums: torch.Tensor, n_keys: int, co
     block = max(32, triton.next_power_of_2(Mk))
     _sla_classify_kernel[(B * H * Mq,)](
         scores, block_class, lut, count, marginal, marginal.stride(2), Mk, n_critical,
-        config.num_negligible(Mk), BLOCK=block, RADIX=radix_select,
+        config.num_negligible(Mk), BLOCK=block, EARLY_EXIT=early_exit,
         num_warps=min(8, max(1, block // 256)),
     )
     return BlockMap(block_class, marginal, lut, count)
