@@ -16,8 +16,8 @@ copy bandwidth:
 - ``multi_kernel``:  the same with ``triton.multi_kernel=1`` (a persistent variant, timed at run time)
 - ``coordinate_descent``: the same with ``coordinate_descent_tuning=True``
 - ``triton_rows``:   the deployed student's kernel (``lite3r::gelu_quant_rowwise``,
-                     :mod:`lite3r_compile.backends.gelu_quant`): a few rows a program, each row
-                     loaded once, erf once, amax, scale and e4m3 stores, at its default
+                     :mod:`lite3r_compile.backends.gelu_quant`): a row or a few a program, each
+                     loaded once, a branch-free fitted erfc, amax, scale and e4m3 stores, at its default
                      tile and at the others of a small sweep (``triton_r{rows}w{warps}``)
 - ``triton_erf``:    the same kernel with eager's erf (libdevice) in place of its fitted erfc
 - ``triton_no_gelu``: the same kernel with no GELU at all, the bound on what a cheaper GELU
